@@ -1,0 +1,78 @@
+# attn-course: `make book` builds the site, `make test` checks everything.
+# Both start by creating .venv and installing the pinned toolchain (requirements.txt)
+# and the book's front-end assets (book/package.json, through npm).
+
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+PY     := $(BIN)/python
+STAMP  := $(VENV)/.installed
+MATHJAX_SRC := book/node_modules/mathjax/es5
+MATHJAX     := book/_static/mathjax/tex-chtml.js
+JB_FLAGS    := --keep-going
+PORT   ?= 8000
+
+export PIP_DISABLE_PIP_VERSION_CHECK := 1
+# Notebooks run for the book / nbval store interactive figures in their static form.
+NB_ENV := ATTN_COURSE_STATIC=1 MPLBACKEND=module://matplotlib_inline.backend_inline
+
+.PHONY: help setup book test unit nbval lint build-strict notebooks stamp bench serve clean
+
+help:
+	@echo "make book       build the site into _build/html"
+	@echo "make test       unit tests, nbval on every chapter, strict book build"
+	@echo "make notebooks  re-execute every chapter notebook in place"
+	@echo "make bench      run the benchmarks"
+	@echo "make serve      serve _build/html on http://127.0.0.1:$(PORT)"
+
+setup: $(STAMP) $(MATHJAX)
+
+$(STAMP): requirements.txt pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --upgrade pip
+	$(PY) -m pip install -r requirements.txt
+	touch $@
+
+# MathJax comes from npm at build time and is served from the site itself (never a CDN).
+$(MATHJAX): book/package.json book/package-lock.json
+	npm ci --prefix book --no-audit --no-fund
+	rm -rf book/_static/mathjax && mkdir -p book/_static/mathjax
+	cp -r $(MATHJAX_SRC)/tex-chtml.js $(MATHJAX_SRC)/input $(MATHJAX_SRC)/output \
+	      $(MATHJAX_SRC)/ui $(MATHJAX_SRC)/a11y $(MATHJAX_SRC)/adaptors book/_static/mathjax/
+	cp book/node_modules/mathjax/LICENSE book/_static/mathjax/
+	touch $@
+
+book: setup
+	$(BIN)/jupyter-book build . $(JB_FLAGS)
+	@echo "The site is in _build/html (open _build/html/index.html, or run 'make serve')."
+
+lint: setup
+	$(BIN)/ruff check src tests chapters
+
+unit: setup
+	$(BIN)/pytest tests
+
+nbval: setup
+	$(NB_ENV) $(BIN)/pytest -p no:cacheprovider --nbval --nbval-current-env \
+	    --nbval-sanitize-with tests/nbval_sanitize.cfg chapters
+
+build-strict: setup
+	$(BIN)/jupyter-book build . --all -W -n $(JB_FLAGS)
+
+test: lint unit nbval build-strict
+
+notebooks: setup
+	$(PY) -m attn_course.authoring execute
+
+stamp: setup
+	$(PY) -m attn_course.authoring stamp
+
+bench: setup
+	$(PY) -m attn_course.bench
+
+serve:
+	@test -f _build/html/index.html || { echo "No site yet: run 'make book' first."; exit 1; }
+	$(PYTHON) -m http.server $(PORT) --bind 127.0.0.1 --directory _build/html
+
+clean:
+	rm -rf _build book/_static/mathjax

@@ -1,0 +1,54 @@
+"""Synthetic data for the chapters' experiments: generated, never downloaded."""
+
+from __future__ import annotations
+
+import torch
+
+from . import _checks
+
+__all__ = ["marker_task", "noisy_sine"]
+
+
+def marker_task(num_examples: int, length: int, *, moving: bool = True,
+                generator: torch.Generator | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The "find the marked token" task of chapter 1.
+
+    Each example is a sequence of ``length`` tokens with two features:
+    channel 0 holds a random value, channel 1 is 1 at one marked position and
+    0 elsewhere. The target is the value at the marked position. With
+    ``moving=True`` the marked position is random per example; with
+    ``moving=False`` it is always the middle position.
+
+    Returns:
+        ``x (num_examples, length, 2)``, ``y (num_examples,)`` and the marked
+        positions ``(num_examples,)`` (int64).
+    """
+    num_examples = _checks.positive_number("num_examples", num_examples, integer=True)
+    length = _checks.positive_number("length", length, integer=True)
+    values = torch.randn(num_examples, length, generator=generator)
+    if moving:
+        pos = torch.randint(0, length, (num_examples,), generator=generator)
+    else:
+        pos = torch.full((num_examples,), length // 2, dtype=torch.long)
+    marker = torch.nn.functional.one_hot(pos, length).float()
+    x = torch.stack([values, marker], dim=-1)
+    y = values.gather(1, pos[:, None]).squeeze(1)
+    return x, y, pos
+
+
+def noisy_sine(num_points: int, *, noise: float = 0.3, low: float = 0.0, high: float = 5.0,
+               generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sorted inputs ``x`` uniform in ``[low, high]`` and ``y = 2 sin(x) + x**0.8 + noise``.
+
+    A smooth 1-D regression problem for Nadaraya-Watson attention pooling.
+    """
+    num_points = _checks.positive_number("num_points", num_points, integer=True)
+    x, _ = torch.sort(low + (high - low) * torch.rand(num_points, generator=generator))
+    y = target_function(x) + noise * torch.randn(num_points, generator=generator)
+    return x, y
+
+
+def target_function(x: torch.Tensor) -> torch.Tensor:
+    """The noise-free curve behind :func:`noisy_sine`."""
+    return 2 * torch.sin(x) + x**0.8

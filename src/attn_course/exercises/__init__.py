@@ -1,0 +1,57 @@
+"""Auto-checked exercises: ``check(name, my_fn)`` tells a learner at once whether an answer is right.
+
+>>> from attn_course.exercises import check, list_exercises
+>>> check("ch01.masked_softmax", my_masked_softmax)  # doctest: +SKIP
+✅ ch01.masked_softmax: passed all 5 tests.
+
+Chapters register their exercises in a module of this package (``ch01`` ...).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from . import ch01
+from ._core import DEFAULT_TIMEOUT, Case, Exercise, evaluate
+
+__all__ = ["list_exercises", "solution", "check", "Exercise", "Case"]
+
+_REGISTRY: dict[str, Exercise] = {ex.name: ex for ex in ch01.EXERCISES}
+
+
+def list_exercises() -> list[str]:
+    """The names of all auto-checked exercises, like ``"ch01.masked_softmax"``, in course order."""
+    return sorted(_REGISTRY)
+
+
+def _get(name) -> Exercise:
+    if not isinstance(name, str):
+        raise TypeError(f"name must be a str like 'ch01.masked_softmax', got {type(name).__name__}")
+    try:
+        return _REGISTRY[name]
+    except KeyError:
+        raise KeyError(f"unknown exercise name {name!r}; known exercises: "
+                       f"{', '.join(list_exercises())}") from None
+
+
+def solution(name: str) -> Callable:
+    """The reference solution of exercise ``name``."""
+    return _get(name).solution
+
+
+def check(name: str, fn: Callable, *, strict: bool = False, timeout: float = DEFAULT_TIMEOUT) -> bool:
+    """Check ``fn`` against exercise ``name``'s test cases and print feedback.
+
+    Never raises because of the learner's code: an exception, a wrong type or
+    shape, NaN, or running past ``timeout`` seconds is reported. Returns
+    whether every case passed; with ``strict=True`` a failure raises
+    ``AssertionError`` carrying the feedback (used to test the solutions).
+    """
+    ex = _get(name)
+    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or timeout <= 0:
+        raise ValueError(f"timeout must be a number of seconds > 0, got {timeout!r}")
+    passed, feedback = evaluate(ex, fn, float(timeout))
+    print(feedback)
+    if strict and not passed:
+        raise AssertionError(feedback)
+    return passed

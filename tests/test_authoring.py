@@ -1,0 +1,55 @@
+import nbformat
+import pytest
+
+from attn_course import authoring
+
+
+def _nb(tmp_path):
+    nb = nbformat.v4.new_notebook()
+    nb.cells = [nbformat.v4.new_markdown_cell("# Title"), nbformat.v4.new_code_cell("import torch")]
+    path = tmp_path / "01_x.ipynb"
+    nbformat.write(nb, path)
+    return path
+
+
+def test_stamp_inserts_then_updates_the_install_cell(tmp_path):
+    path = _nb(tmp_path)
+    assert authoring.stamp(path, "https://github.com/a/b") is True
+    nb = nbformat.read(path, as_version=4)
+    cell = nb.cells[1]
+    assert 'git+https://github.com/a/b"' in cell.source and 'if "google.colab" in sys.modules' in cell.source
+    assert set(cell.metadata.tags) == {"colab-install", "remove-cell"}
+    assert authoring.stamp(path, "https://github.com/a/b") is False
+    assert authoring.stamp(path, "https://github.com/c/d") is True
+    nb = nbformat.read(path, as_version=4)
+    assert len(nb.cells) == 3 and "github.com/c/d" in nb.cells[1].source
+
+
+def test_install_cell_is_valid_ipython(tmp_path):
+    from IPython.core.inputtransformer2 import TransformerManager
+
+    src = authoring.install_cell_source("https://github.com/a/b")
+    python = TransformerManager().transform_cell(src)
+    compile(python, "<cell>", "exec")
+    assert "get_ipython().run_line_magic('pip'" in python
+
+
+def test_repository_url_and_chapters_come_from_the_config(tmp_path):
+    (tmp_path / "_config.yml").write_text("repository:\n  url: https://github.com/x/y/\n")
+    (tmp_path / "_toc.yml").write_text(
+        "format: jb-book\nroot: book/intro\nparts:\n- chapters:\n  - file: chapters/01_a\n  - file: book/setup\n")
+    assert authoring.repository_url(tmp_path) == "https://github.com/x/y"
+    assert authoring.chapter_notebooks(tmp_path) == [tmp_path / "chapters/01_a.ipynb"]
+    (tmp_path / "_config.yml").write_text("title: t\n")
+    with pytest.raises(ValueError, match="repository.url"):
+        authoring.repository_url(tmp_path)
+
+
+def test_two_install_cells_are_refused(tmp_path):
+    path = _nb(tmp_path)
+    nb = nbformat.read(path, as_version=4)
+    for _ in range(2):
+        nb.cells.append(nbformat.v4.new_code_cell("x", metadata={"tags": ["colab-install"]}))
+    nbformat.write(nb, path)
+    with pytest.raises(ValueError, match="more than one"):
+        authoring.stamp(path, "https://github.com/a/b")

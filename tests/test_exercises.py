@@ -1,0 +1,204 @@
+"""The exercise checker: solutions pass strictly, wrong answers are rejected with useful
+feedback, and nothing a learner writes crashes or hangs the checker."""
+
+import math
+import re
+import time
+
+import numpy as np
+import pytest
+import torch
+
+from attn_course.exercises import check, list_exercises, solution
+
+NAMES = list_exercises()
+
+
+def test_names_have_a_chapter_prefix_and_chapter_one_has_at_least_three():
+    assert all(re.fullmatch(r"ch\d\d\.[a-z_]+", n) for n in NAMES)
+    assert sum(n.startswith("ch01.") for n in NAMES) >= 3
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_every_solution_passes_strictly(name, capsys):
+    assert check(name, solution(name), strict=True) is True
+    assert "✅" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_a_slightly_wrong_answer_is_rejected(name, capsys):
+    ref = solution(name)
+
+    def off_by_a_bit(*args, **kwargs):
+        out = ref(*args, **kwargs)
+        if isinstance(out, tuple):
+            return (out[0] + 1e-2, *out[1:])
+        return out + 1e-2
+
+    assert check(name, off_by_a_bit) is False
+    assert "differs from the answer" in capsys.readouterr().out
+    with pytest.raises(AssertionError, match="differs from the answer"):
+        check(name, off_by_a_bit, strict=True)
+
+
+def _raises(*a, **k):
+    raise ZeroDivisionError("boom")
+
+
+def _returns_none(*a, **k):
+    return None
+
+
+def _returns_string(*a, **k):
+    return "attention"
+
+
+def _returns_numpy(*a, **k):
+    return np.zeros(3)
+
+
+def _loops_forever(*a, **k):
+    while True:
+        pass
+
+
+def _not_implemented(*a, **k):
+    raise NotImplementedError
+
+
+@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("bad, words", [
+    (_raises, "raised ZeroDivisionError: boom"),
+    (_returns_none, "None: did you forget the `return`"),
+    (_returns_string, "got a str"),
+    (_returns_numpy, "NumPy array"),
+    (_not_implemented, "not answered yet"),
+    (42, "check needs your function itself"),
+])
+def test_broken_answers_get_feedback_never_a_crash(name, bad, words, capsys):
+    assert check(name, bad) is False
+    out = capsys.readouterr().out
+    assert words in out, out
+    assert out.startswith(("❌ " + name, "✏️ " + name)), out
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_nan_and_wrong_shapes_are_reported(name, capsys):
+    ref = solution(name)
+
+    def nan_answer(*args, **kwargs):
+        out = ref(*args, **kwargs)
+        return tuple(torch.full_like(o, float("nan")) for o in out) if isinstance(out, tuple) \
+            else torch.full_like(out, float("nan"))
+
+    def wrong_shape(*args, **kwargs):
+        out = ref(*args, **kwargs)
+        return tuple(o[..., :-1] if o.shape[-1] > 1 else o[..., :0] for o in out) if isinstance(out, tuple) \
+            else torch.cat([out, out], dim=-1)
+
+    assert check(name, nan_answer) is False
+    assert "NaN" in capsys.readouterr().out
+    assert check(name, wrong_shape) is False
+    assert "has shape" in capsys.readouterr().out
+
+
+def test_an_endless_loop_is_stopped_by_the_time_limit(capsys):
+    start = time.perf_counter()
+    assert check("ch01.masked_softmax", _loops_forever, timeout=0.5) is False
+    assert time.perf_counter() - start < 5
+    assert "did not finish within 0.5 s" in capsys.readouterr().out
+
+
+def test_changing_the_inputs_in_place_is_reported(capsys):
+    def in_place(scores, mask):
+        scores.masked_fill_(~mask, float("-inf"))
+        return solution("ch01.masked_softmax")(scores, mask)
+
+    assert check("ch01.masked_softmax", in_place) is False
+    assert "changed its inputs in place" in capsys.readouterr().out
+
+
+def test_masked_softmax_hints(capsys):
+    assert check("ch01.masked_softmax", lambda s, m: torch.softmax(s, -1)) is False
+    assert "masked keys got weight" in capsys.readouterr().out
+    assert check("ch01.masked_softmax",
+                 lambda s, m: torch.softmax(s.masked_fill(~m, -math.inf), 0).nan_to_num()) is False
+    assert "did you normalise over the last axis" in capsys.readouterr().out
+
+    def naive(s, m):
+        e = torch.exp(s) * m
+        return e / e.sum(-1, keepdim=True)
+
+    assert check("ch01.masked_softmax", naive) is False
+    assert "NaN" in capsys.readouterr().out
+
+
+def test_sdpa_hint_for_missing_scale(capsys):
+    def unscaled(q, k, v, mask=None):
+        s = q @ k.transpose(-2, -1)
+        if mask is not None:
+            s = s.masked_fill(~mask, -math.inf)
+        w = torch.softmax(s, -1).nan_to_num()
+        return w @ v, w
+
+    assert check("ch01.scaled_dot_product_attention", unscaled) is False
+    assert "sqrt(d_k)" in capsys.readouterr().out
+
+
+def test_sdpa_rejects_an_answer_that_forgets_fully_masked_rows(capsys):
+    def nan_rows(q, k, v, mask=None):
+        s = q @ k.transpose(-2, -1) / math.sqrt(q.shape[-1])
+        if mask is not None:
+            s = s.masked_fill(~mask, -math.inf)
+        w = torch.softmax(s, -1)
+        return w @ v, w
+
+    assert check("ch01.scaled_dot_product_attention", nan_rows) is False
+    assert "NaN" in capsys.readouterr().out
+
+
+def test_nadaraya_watson_hints(capsys):
+    def no_half(x, y, q, h):
+        w = torch.softmax(-((q[:, None] - x[None, :]) / h) ** 2, 1)
+        return w @ y, w
+
+    assert check("ch01.nadaraya_watson", no_half) is False
+    assert "dropped the 1/2" in capsys.readouterr().out
+
+    def unnormalised(x, y, q, h):
+        w = torch.exp(-0.5 * ((q[:, None] - x[None, :]) / h) ** 2)
+        return w @ y, w
+
+    assert check("ch01.nadaraya_watson", unnormalised) is False
+    assert "sum to 1" in capsys.readouterr().out
+
+
+def test_additive_hint_for_missing_tanh(capsys):
+    def no_tanh(q, k, W_q, W_k, w_v):
+        return ((q @ W_q.T)[:, None, :] + (k @ W_k.T)[None, :, :]) @ w_v
+
+    assert check("ch01.additive_scores", no_tanh) is False
+    assert "apply tanh" in capsys.readouterr().out
+
+
+def test_unknown_names_list_the_known_ones():
+    with pytest.raises(KeyError, match="ch01.masked_softmax"):
+        check("ch01.no_such_thing", lambda: None)
+    with pytest.raises(KeyError, match="known exercises"):
+        solution("nope")
+    with pytest.raises(TypeError, match="name must be a str"):
+        check(3, lambda: None)
+
+
+def test_bad_timeout_is_refused():
+    with pytest.raises(ValueError, match="timeout"):
+        check("ch01.masked_softmax", solution("ch01.masked_softmax"), timeout=0)
+
+
+def test_solutions_are_independent_of_the_package_code():
+    """The reference solutions are written from scratch, not wrappers of attn_course.basics."""
+    import inspect
+
+    for name in NAMES:
+        src = inspect.getsource(solution(name))
+        assert "basics." not in src, name
