@@ -84,10 +84,10 @@ def _frames(params: dict) -> tuple[list[str], list[tuple]]:
 
 # matplotlib's player styles its buttons with Font Awesome from a CDN; the site must work
 # offline, so the stylesheet link goes and each icon becomes a plain Unicode glyph.
-_ICONS = {
-    "fa-minus": "\u2212", "fa-plus": "+", "fa-fast-backward": "\u23ee", "fa-step-backward": "\u25c2",
-    "fa-play fa-flip-horizontal": "\u25c0", "fa-pause": "\u23f8", "fa-play": "\u25b6",
-    "fa-step-forward": "\u25b8", "fa-fast-forward": "\u23ed",
+_ICONS = {  # glyphs that common system fonts have
+    "fa-minus": "\u2212", "fa-plus": "+", "fa-fast-backward": "\u21e4", "fa-step-backward": "\u2039",
+    "fa-play fa-flip-horizontal": "\u25c0", "fa-pause": "||", "fa-play": "\u25b6",
+    "fa-step-forward": "\u203a", "fa-fast-forward": "\u21e5",
 }
 
 
