@@ -11,12 +11,15 @@ MATHJAX_SRC := book/node_modules/mathjax/es5
 MATHJAX     := book/_static/mathjax/tex-chtml.js
 JB_FLAGS    := --keep-going
 PORT   ?= 8000
+# The browser tests drive Debian's Chromium (installed with apt-get when missing).
+# CHROMIUM=playwright uses Playwright's own download instead (e.g. on GitHub's runners).
+CHROMIUM ?= /usr/bin/chromium
 
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 # Notebooks run for the book / nbval store interactive figures in their static form.
 NB_ENV := ATTN_COURSE_STATIC=1 MPLBACKEND=module://matplotlib_inline.backend_inline
 
-.PHONY: help setup book test unit nbval lint build-strict notebooks stamp bench serve clean
+.PHONY: help setup book test unit nbval lint build-strict browser site notebooks stamp bench serve clean
 
 help:
 	@echo "make book       build the site into _build/html"
@@ -43,23 +46,38 @@ $(MATHJAX): book/package.json book/package-lock.json
 	touch $@
 
 book: setup
+	rm -rf _build/html
 	$(BIN)/jupyter-book build . $(JB_FLAGS)
 	@echo "The site is in _build/html (open _build/html/index.html, or run 'make serve')."
 
 lint: setup
-	$(BIN)/ruff check src tests chapters
+	$(BIN)/ruff check src tests chapters book/_ext
 
 unit: setup
-	$(BIN)/pytest tests
+	$(BIN)/pytest tests --ignore=tests/browser
 
 nbval: setup
 	$(NB_ENV) $(BIN)/pytest -p no:cacheprovider --nbval --nbval-current-env \
 	    --nbval-sanitize-with tests/nbval_sanitize.cfg chapters
 
 build-strict: setup
+	rm -rf _build/html
 	$(BIN)/jupyter-book build . --all -W -n $(JB_FLAGS)
 
-test: lint unit nbval build-strict
+browser: setup
+ifeq ($(CHROMIUM),playwright)
+	$(PY) -m playwright install --with-deps chromium
+else
+	@test -x $(CHROMIUM) || { echo "Installing Debian's chromium for the browser tests"; \
+	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq chromium; }
+endif
+
+# The built site in a real browser, offline (needs _build/html: run after a build).
+site: browser
+	ATTN_COURSE_CHROMIUM=$(filter-out playwright,$(CHROMIUM)) $(BIN)/pytest tests/browser
+
+test: lint unit nbval build-strict site
 
 notebooks: setup
 	$(PY) -m attn_course.authoring execute
