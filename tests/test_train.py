@@ -9,11 +9,12 @@ from attn_course.train import fit
 def test_fit_learns_the_marker_task_with_attention():
     x, y, _ = marker_task(500, 6, generator=torch.Generator().manual_seed(0))
     model = basics.ContentAttentionPool(2)
-    history = fit(model, x, y, steps=300, lr=0.05)
+    history = fit(model, x, y, steps=300, lr=0.05, eval_fn=lambda m: 1.0, eval_every=100)
     assert len(history) == 300
     with torch.no_grad():
         pred, _ = model(x)
-    assert torch.nn.functional.mse_loss(pred, y) < 0.05 < history[0]
+    assert torch.nn.functional.mse_loss(pred, y) < 0.05 < history.losses[0]
+    assert history.evals == [(100, 1.0), (200, 1.0), (300, 1.0)]
 
 
 def test_fit_bad_arguments():

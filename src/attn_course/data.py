@@ -6,7 +6,7 @@ import torch
 
 from . import _checks
 
-__all__ = ["marker_task", "noisy_sine"]
+__all__ = ["marker_task", "noisy_sine", "two_relation_task"]
 
 
 def marker_task(num_examples: int, length: int, *, moving: bool = True,
@@ -52,3 +52,34 @@ def noisy_sine(num_points: int, *, noise: float = 0.3, low: float = 0.0, high: f
 def target_function(x: torch.Tensor) -> torch.Tensor:
     """The noise-free curve behind :func:`noisy_sine`."""
     return 2 * torch.sin(x) + x**0.8
+
+
+def two_relation_task(num_examples: int, vocab_size: int = 10, length: int = 16, *,
+                      generator: torch.Generator | None = None
+                      ) -> tuple[torch.Tensor, torch.Tensor]:
+    """A sequence task that needs two relations at once (chapter 4).
+
+    Each sequence holds ``length`` symbols from ``0 .. vocab_size - 1``; one of them,
+    in the first half, is *marked* (its token id is ``symbol + vocab_size``). At every
+    position after the marked token (and after its successor) the target is the pair
+    (previous symbol, marked symbol), encoded as ``previous * vocab_size + marked``:
+    one relation is positional (the previous token), the other is by content (the
+    marked token, wherever it is). Other positions have target ``-100`` (ignored).
+
+    Returns token ids ``(num_examples, length)`` in ``0 .. 2 vocab_size - 1`` and
+    targets ``(num_examples, length)``.
+    """
+    n = _checks.positive_number("num_examples", num_examples, integer=True)
+    V = _checks.positive_number("vocab_size", vocab_size, integer=True)
+    L = _checks.positive_number("length", length, integer=True)
+    if L < 4:
+        raise ValueError(f"length must be at least 4, got {L}")
+    symbols = torch.randint(0, V, (n, L), generator=generator)
+    marked = torch.randint(0, L // 2, (n,), generator=generator)
+    rows = torch.arange(n)
+    ids = symbols.clone()
+    ids[rows, marked] += V
+    previous = torch.roll(symbols, 1, dims=1)
+    targets = previous * V + symbols[rows, marked][:, None]
+    valid = torch.arange(L)[None, :] > marked[:, None] + 1
+    return ids, targets.masked_fill(~valid, -100)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
@@ -10,19 +11,46 @@ from torch import nn
 from . import _checks
 from .widgets import is_static
 
-__all__ = ["fit"]
+__all__ = ["fit", "History", "sequence_cross_entropy", "masked_accuracy", "IGNORE"]
+
+IGNORE = -100  # target value of positions that do not count (as in torch's cross_entropy)
+
+
+@dataclass
+class History:
+    """What :func:`fit` recorded: the loss of every step and ``(step, value)`` evaluations."""
+
+    losses: list[float] = field(default_factory=list)
+    evals: list[tuple[int, float]] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return len(self.losses)
+
+
+def sequence_cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy of ``logits (B, L, C)`` against ``targets (B, L)``, skipping ``IGNORE``."""
+    return nn.functional.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=IGNORE)
+
+
+@torch.no_grad()
+def masked_accuracy(logits: torch.Tensor, targets: torch.Tensor) -> float:
+    """Fraction of the positions with a target (not ``IGNORE``) whose arg-max is right."""
+    keep = targets != IGNORE
+    return (logits.argmax(-1)[keep] == targets[keep]).float().mean().item()
 
 
 def fit(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor, *,
         loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
         steps: int = 300, lr: float = 1e-2, batch_size: int = 64, seed: int = 0,
-        desc: str = "training") -> list[float]:
+        desc: str = "training", eval_fn: Callable[[nn.Module], float] | None = None,
+        eval_every: int = 50) -> History:
     """Train ``model`` with Adam on mini-batches drawn from ``(inputs, targets)``.
 
     ``model(inputs)`` may return a tensor or a tuple whose first item is the
     prediction. Shows a tqdm progress bar in a live session (none when the
-    book is built, where it would only print timings). Returns the loss of
-    every step.
+    book is built, where it would only print timings). ``eval_fn(model)``,
+    if given, is called (in eval mode, without gradients) every ``eval_every``
+    steps and after the last. Returns a :class:`History`.
     """
     steps = _checks.positive_number("steps", steps, integer=True)
     batch_size = _checks.positive_number("batch_size", batch_size, integer=True)
@@ -34,11 +62,17 @@ def fit(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor, *,
     opt = torch.optim.Adam(model.parameters(), lr=lr)
     gen = torch.Generator(device="cpu").manual_seed(seed)
     n = inputs.shape[0]
-    history: list[float] = []
+    history = History()
     from tqdm.auto import trange
 
+    def evaluate(step):
+        model.eval()
+        with torch.no_grad():
+            history.evals.append((step, float(eval_fn(model))))
+        model.train()
+
     model.train()
-    for _ in trange(steps, desc=desc, disable=is_static(), leave=False):
+    for step in trange(1, steps + 1, desc=desc, disable=is_static(), leave=False):
         idx = torch.randint(0, n, (min(batch_size, n),), generator=gen).to(inputs.device)
         out = model(inputs[idx])
         pred = out[0] if isinstance(out, tuple) else out
@@ -46,6 +80,8 @@ def fit(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor, *,
         opt.zero_grad()
         loss.backward()
         opt.step()
-        history.append(loss.item())
+        history.losses.append(loss.item())
+        if eval_fn is not None and (step % eval_every == 0 or step == steps):
+            evaluate(step)
     model.eval()
     return history

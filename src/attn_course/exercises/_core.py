@@ -8,6 +8,7 @@ never an exception or a hang of the checker itself.
 from __future__ import annotations
 
 import ctypes
+import math
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -110,6 +111,8 @@ def describe(x) -> str:
 
 def compare(got, expected, what: str, atol: float, rtol: float) -> str | None:
     """Explain how ``got`` differs from ``expected`` (None if it matches)."""
+    if isinstance(expected, (int, float)) and not isinstance(expected, bool):
+        return _compare_number(got, expected, what, atol, rtol)
     if isinstance(expected, tuple):
         if got is None:
             return (f"{what} is None: did you forget the `return`? Expected a tuple of "
@@ -132,6 +135,15 @@ def compare(got, expected, what: str, atol: float, rtol: float) -> str | None:
         if got.ndim >= 2 and got.shape[:-2] + got.shape[-2:][::-1] == expected.shape:
             msg += " The last two axes look swapped: check which axis is queries and which is keys."
         return msg
+    if expected.dtype == torch.bool:
+        if got.dtype != torch.bool:
+            return f"{what} has dtype {got.dtype}; return a bool tensor."
+        wrong = (got.cpu() != expected.cpu())
+        if wrong.any():
+            idx = tuple(int(i) for i in wrong.nonzero()[0])
+            return (f"{what} is wrong in {int(wrong.sum())} of {wrong.numel()} entries (first at index "
+                    f"{idx}: got {bool(got[idx])}, expected {bool(expected[idx])}).")
+        return None
     if not got.is_floating_point():
         return f"{what} has dtype {got.dtype}; expected floating point like the inputs."
     got = got.detach().to("cpu", torch.float64)
@@ -150,6 +162,24 @@ def compare(got, expected, what: str, atol: float, rtol: float) -> str | None:
         return (f"{what} differs from the answer by up to {err.max().item():.3g} "
                 f"(at index {idx}: got {got[idx].item():.4g}, expected {exp[idx].item():.4g}).")
     return None
+
+
+def _compare_number(got, expected, what, atol, rtol) -> str | None:
+    if isinstance(got, torch.Tensor) and got.numel() == 1:
+        got = got.item()
+    if isinstance(got, np.generic):
+        got = got.item()
+    if got is None:
+        return f"{what} is None: did you forget the `return`?"
+    if isinstance(got, bool) or not isinstance(got, (int, float)):
+        return f"{what} should be a number, got {describe(got)}."
+    if math.isnan(got):
+        return f"{what} is NaN."
+    if math.isclose(got, expected, rel_tol=rtol, abs_tol=atol):
+        return None
+    if got and expected and max(got / expected, expected / got) < 100:
+        return f"{what} is {got:,} but should be {expected / got:.3g} times that."
+    return f"{what} is {got:,}, which is not the answer."
 
 
 def evaluate(ex: Exercise, fn, timeout: float) -> tuple[bool, str]:

@@ -1,0 +1,350 @@
+"""Chapter 4, multi-head attention: several attention heads side by side.
+
+Shapes: inputs are batch-first ``(B, L, E)``; inside, heads live in their own
+axis, ``(B, H, L, E / H)``. Masks are boolean, ``True`` = may attend, and
+broadcast to ``(B, H, L_q, L_k)`` (``torch.nn.MultiheadAttention`` uses the
+opposite convention; :func:`masks_from_torch` converts).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from . import _checks
+from .basics import causal_mask, masked_softmax
+
+__all__ = [
+    "MultiHeadAttention",
+    "GroupedQueryAttention",
+    "KVCache",
+    "AttentionClassifier",
+    "split_heads",
+    "merge_heads",
+    "masks_from_torch",
+    "kv_cache_bytes",
+    "attention_flops",
+    "count_parameters",
+]
+
+
+def split_heads(x: torch.Tensor, num_heads: int) -> torch.Tensor:
+    """``(B, L, H * d) -> (B, H, L, d)``: give every head its own slice of the features."""
+    _checks.float_tensor("x", x, ndim=3)
+    num_heads = _checks.positive_number("num_heads", num_heads, integer=True)
+    B, L, E = x.shape
+    if E % num_heads:
+        raise ValueError(f"the feature size {E} of x {tuple(x.shape)} is not divisible by "
+                         f"num_heads={num_heads}")
+    return x.view(B, L, num_heads, E // num_heads).transpose(1, 2)
+
+
+def merge_heads(x: torch.Tensor) -> torch.Tensor:
+    """``(B, H, L, d) -> (B, L, H * d)``: the inverse of :func:`split_heads`."""
+    _checks.float_tensor("x", x, ndim=4)
+    B, H, L, d = x.shape
+    return x.transpose(1, 2).reshape(B, L, H * d)
+
+
+def masks_from_torch(attn_mask: torch.Tensor | None = None,
+                     key_padding_mask: torch.Tensor | None = None) -> torch.Tensor | None:
+    """Convert ``torch.nn.MultiheadAttention``'s boolean masks to this course's convention.
+
+    torch marks what is *hidden* (``True`` = masked out): ``attn_mask (L_q, L_k)`` and
+    ``key_padding_mask (B, L_k)``. Returns one mask with ``True`` = may attend, of shape
+    ``(B, 1, L_q, L_k)`` (or ``(L_q, L_k)`` / ``(B, 1, 1, L_k)`` when only one is given).
+    """
+    out = None
+    if attn_mask is not None:
+        _check_bool("attn_mask", attn_mask, 2)
+        out = ~attn_mask
+    if key_padding_mask is not None:
+        _check_bool("key_padding_mask", key_padding_mask, 2)
+        keep = ~key_padding_mask[:, None, None, :]
+        out = keep if out is None else keep & out
+    return out
+
+
+def _check_bool(name, m, ndim):
+    if not isinstance(m, torch.Tensor) or m.dtype != torch.bool:
+        raise TypeError(f"{name} must be a bool tensor (torch's convention: True = masked out), "
+                        f"got {getattr(m, 'dtype', type(m).__name__)}")
+    if m.ndim != ndim:
+        raise ValueError(f"{name} must have {ndim} dimensions, got shape {tuple(m.shape)}")
+
+
+class MultiHeadAttention(nn.Module):
+    r"""Multi-head attention (Vaswani et al., 2017), batch-first.
+
+    .. math:: \mathrm{MHA}(Q, K, V) = [\mathrm{head}_1; \dots; \mathrm{head}_H] W_O,\quad
+              \mathrm{head}_h = \mathrm{softmax}\Big(\frac{Q W_Q^h (K W_K^h)^\top}{\sqrt{E/H}}\Big) V W_V^h
+
+    Args:
+        embed_dim: ``E``, the width of queries and of the output.
+        num_heads: ``H``; ``E`` must be divisible by it (each head has width ``E / H``).
+        kdim, vdim: feature sizes of ``key`` and ``value`` (default ``E``).
+        bias: biases in the four projections.
+        dropout: dropout on the attention weights, in training mode.
+
+    ``forward(query (B, L_q, E), key (B, L_k, kdim), value (B, L_k, vdim), mask=None, *,
+    is_causal=False, need_weights=True, head_mask=None)`` returns
+    ``output (B, L_q, E)`` and ``weights (B, H, L_q, L_k)`` (``None`` without
+    ``need_weights``, which then uses torch's fused kernel). ``head_mask (H,)`` scales
+    each head's output (``0`` removes a head: ablations).
+    """
+
+    def __init__(self, embed_dim: int, num_heads: int, *, kdim: int | None = None,
+                 vdim: int | None = None, bias: bool = True, dropout: float = 0.0):
+        super().__init__()
+        embed_dim = _checks.positive_number("embed_dim", embed_dim, integer=True)
+        num_heads = _checks.positive_number("num_heads", num_heads, integer=True)
+        if embed_dim % num_heads:
+            raise ValueError(f"embed_dim={embed_dim} must be divisible by num_heads={num_heads}")
+        kdim = embed_dim if kdim is None else _checks.positive_number("kdim", kdim, integer=True)
+        vdim = embed_dim if vdim is None else _checks.positive_number("vdim", vdim, integer=True)
+        if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0 <= dropout < 1:
+            raise ValueError(f"dropout must be a number in [0, 1), got {dropout!r}")
+        self.embed_dim, self.num_heads, self.head_dim = embed_dim, num_heads, embed_dim // num_heads
+        self.kdim, self.vdim, self.dropout = kdim, vdim, float(dropout)
+        self.q_proj = nn.Linear(embed_dim, embed_dim, bias=bias)
+        self.k_proj = nn.Linear(kdim, embed_dim, bias=bias)
+        self.v_proj = nn.Linear(vdim, embed_dim, bias=bias)
+        self.out_proj = nn.Linear(embed_dim, embed_dim, bias=bias)
+
+    def project(self, query, key, value):
+        """The three input projections, split into heads: each ``(B, H, L, E / H)``.
+
+        For self-attention (one tensor as query, key and value) this is a single
+        fused matmul with the stacked weights ``[W_Q; W_K; W_V]``.
+        """
+        if query is key is value and self.kdim == self.vdim == self.embed_dim:
+            w = torch.cat([self.q_proj.weight, self.k_proj.weight, self.v_proj.weight])
+            b = None if self.q_proj.bias is None else torch.cat(
+                [self.q_proj.bias, self.k_proj.bias, self.v_proj.bias])
+            q, k, v = F.linear(query, w, b).chunk(3, dim=-1)
+        else:
+            q, k, v = self.q_proj(query), self.k_proj(key), self.v_proj(value)
+        H = self.num_heads
+        return split_heads(q, H), split_heads(k, H), split_heads(v, H)
+
+    def forward(self, query, key, value, mask=None, *, is_causal: bool = False,
+                need_weights: bool = True, head_mask: torch.Tensor | None = None):
+        for name, x, dim, arg in (("query", query, self.embed_dim, "embed_dim"),
+                                  ("key", key, self.kdim, "kdim"), ("value", value, self.vdim, "vdim")):
+            _checks.float_tensor(name, x, ndim=3)
+            if x.shape[-1] != dim:
+                raise ValueError(f"{name} has {x.shape[-1]} features (shape {tuple(x.shape)}) but "
+                                 f"the module has {arg}={dim}")
+        _checks.same_dtype_device(query=query, key=key, value=value)
+        if not (query.shape[0] == key.shape[0] == value.shape[0]) or key.shape[1] != value.shape[1]:
+            raise ValueError(f"query (B, L_q, E), key (B, L_k, kdim) and value (B, L_k, vdim) must "
+                             f"agree on B and L_k; got query {tuple(query.shape)}, key "
+                             f"{tuple(key.shape)}, value {tuple(value.shape)}")
+        B, L_q, L_k, H = query.shape[0], query.shape[1], key.shape[1], self.num_heads
+        if mask is not None:
+            _checks.bool_mask("mask", mask, (B, H, L_q, L_k), query.device)
+        if is_causal:
+            causal = causal_mask(L_q, L_k, device=query.device)
+            mask = causal if mask is None else mask & causal
+        if head_mask is not None:
+            _checks.float_tensor("head_mask", head_mask, ndim=1)
+            if head_mask.shape[0] != H:
+                raise ValueError(f"head_mask must have one entry per head ({H}), got shape "
+                                 f"{tuple(head_mask.shape)}")
+
+        q, k, v = self.project(query, key, value)  # (B, H, L, d) each
+        p = self.dropout if self.training else 0.0
+        if need_weights:
+            scores = q @ k.transpose(-2, -1) / self.head_dim**0.5  # (B, H, L_q, L_k)
+            weights = masked_softmax(scores, mask)
+            if p > 0:
+                weights = F.dropout(weights, p=p)
+            heads = weights @ v                                     # (B, H, L_q, d)
+        else:
+            weights = None
+            heads = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p)
+            if mask is not None:  # queries with no key: zeros, as everywhere in the course
+                heads = heads.masked_fill(~mask.expand(B, H, L_q, L_k).any(-1, keepdim=True), 0.0)
+        if head_mask is not None:
+            heads = heads * head_mask.to(heads.dtype)[None, :, None, None]
+        return self.out_proj(merge_heads(heads)), weights
+
+    @classmethod
+    def from_torch(cls, module: nn.MultiheadAttention) -> MultiHeadAttention:
+        """A copy of ``torch.nn.MultiheadAttention`` ``module`` with the same weights.
+
+        The copy is batch-first whatever ``module.batch_first`` is, and gives the same
+        outputs as ``module`` on batch-first inputs (masks converted with
+        :func:`masks_from_torch`).
+        """
+        if not isinstance(module, nn.MultiheadAttention):
+            raise TypeError(f"module must be a torch.nn.MultiheadAttention, got {type(module).__name__}")
+        if module.bias_k is not None or module.add_zero_attn:
+            raise ValueError("module uses add_bias_kv or add_zero_attn, which this class does not have")
+        E = module.embed_dim
+        bias = module.in_proj_bias is not None
+        new = cls(E, module.num_heads, kdim=module.kdim, vdim=module.vdim, bias=bias,
+                  dropout=module.dropout)
+        ref = module.in_proj_weight if module.in_proj_weight is not None else module.q_proj_weight
+        new = new.to(device=ref.device, dtype=ref.dtype)
+        with torch.no_grad():
+            if module._qkv_same_embed_dim:
+                wq, wk, wv = module.in_proj_weight.chunk(3)
+            else:
+                wq, wk, wv = module.q_proj_weight, module.k_proj_weight, module.v_proj_weight
+            for lin, w, i in ((new.q_proj, wq, 0), (new.k_proj, wk, 1), (new.v_proj, wv, 2)):
+                lin.weight.copy_(w)
+                if bias:
+                    lin.bias.copy_(module.in_proj_bias[i * E:(i + 1) * E])
+            new.out_proj.weight.copy_(module.out_proj.weight)
+            if module.out_proj.bias is not None and new.out_proj.bias is not None:
+                new.out_proj.bias.copy_(module.out_proj.bias)
+        new.train(module.training)
+        return new
+
+
+@dataclass
+class KVCache:
+    """Keys and values of the tokens decoded so far, ``(B, G, T, d)`` each (``G`` KV heads)."""
+
+    key: torch.Tensor | None = None
+    value: torch.Tensor | None = None
+
+    @property
+    def length(self) -> int:
+        return 0 if self.key is None else self.key.shape[2]
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes held by the cache (keys and values)."""
+        return 0 if self.key is None else self.key.nbytes + self.value.nbytes
+
+    def append(self, key: torch.Tensor, value: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Add the new tokens' keys and values; return all of them."""
+        if self.key is None:
+            self.key, self.value = key, value
+        else:
+            self.key = torch.cat([self.key, key], dim=2)
+            self.value = torch.cat([self.value, value], dim=2)
+        return self.key, self.value
+
+
+class GroupedQueryAttention(nn.Module):
+    r"""Grouped-query attention (Ainslie et al., 2023): ``H`` query heads share ``G`` key/value heads.
+
+    ``num_kv_heads = num_heads`` is multi-head attention, ``num_kv_heads = 1`` is
+    multi-query attention (Shazeer, 2019). Each group of ``H / G`` query heads reads the
+    same keys and values, so a decoding cache holds ``G`` heads instead of ``H``.
+    ``forward(x (B, L, E), mask=None, *, is_causal=False, cache=None) -> (output, weights)``.
+    With a :class:`KVCache`, ``x`` holds only the new tokens: their keys and values are
+    appended to the cache and they attend to every cached token (causally, if
+    ``is_causal``); ``weights`` is then ``(B, H, L, T)`` for ``T`` tokens in all.
+    """
+
+    def __init__(self, embed_dim: int, num_heads: int, num_kv_heads: int, *, bias: bool = True):
+        super().__init__()
+        embed_dim = _checks.positive_number("embed_dim", embed_dim, integer=True)
+        num_heads = _checks.positive_number("num_heads", num_heads, integer=True)
+        num_kv_heads = _checks.positive_number("num_kv_heads", num_kv_heads, integer=True)
+        if embed_dim % num_heads or num_heads % num_kv_heads:
+            raise ValueError(f"need embed_dim % num_heads == 0 and num_heads % num_kv_heads == 0; got "
+                             f"embed_dim={embed_dim}, num_heads={num_heads}, num_kv_heads={num_kv_heads}")
+        self.embed_dim, self.num_heads, self.num_kv_heads = embed_dim, num_heads, num_kv_heads
+        self.head_dim = embed_dim // num_heads
+        self.q_proj = nn.Linear(embed_dim, embed_dim, bias=bias)
+        self.k_proj = nn.Linear(embed_dim, num_kv_heads * self.head_dim, bias=bias)
+        self.v_proj = nn.Linear(embed_dim, num_kv_heads * self.head_dim, bias=bias)
+        self.out_proj = nn.Linear(embed_dim, embed_dim, bias=bias)
+
+    def forward(self, x, mask=None, *, is_causal: bool = False, cache: KVCache | None = None):
+        _checks.float_tensor("x", x, ndim=3)
+        if x.shape[-1] != self.embed_dim:
+            raise ValueError(f"x has {x.shape[-1]} features (shape {tuple(x.shape)}) but embed_dim="
+                             f"{self.embed_dim}")
+        if cache is not None and not isinstance(cache, KVCache):
+            raise TypeError(f"cache must be a KVCache or None, got {type(cache).__name__}")
+        B, L, _ = x.shape
+        past = 0 if cache is None else cache.length
+        T = past + L
+        if mask is not None:
+            _checks.bool_mask("mask", mask, (B, self.num_heads, L, T), x.device)
+        if is_causal:  # new token t sits at position past + t and sees keys up to there
+            causal = torch.ones(L, T, dtype=torch.bool, device=x.device).tril(diagonal=past)
+            mask = causal if mask is None else mask & causal
+        q = split_heads(self.q_proj(x), self.num_heads)           # (B, H, L, d)
+        k = split_heads(self.k_proj(x), self.num_kv_heads)        # (B, G, L, d)
+        v = split_heads(self.v_proj(x), self.num_kv_heads)
+        if cache is not None:
+            k, v = cache.append(k, v)                             # (B, G, T, d)
+        group = self.num_heads // self.num_kv_heads
+        k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)  # (B, H, L, d)
+        weights = masked_softmax(q @ k.transpose(-2, -1) / self.head_dim**0.5, mask)
+        return self.out_proj(merge_heads(weights @ v)), weights
+
+
+class AttentionClassifier(nn.Module):
+    """Token and learned position embeddings, one causal multi-head attention layer, a linear readout.
+
+    The smallest model in which heads can specialise (chapter 4).
+    ``forward(ids (B, L), head_mask=None) -> (logits (B, L, num_classes), weights (B, H, L, L))``.
+    """
+
+    def __init__(self, vocab_size: int, length: int, embed_dim: int, num_heads: int, num_classes: int):
+        super().__init__()
+        for name, v in (("vocab_size", vocab_size), ("length", length), ("num_classes", num_classes)):
+            _checks.positive_number(name, v, integer=True)
+        self.tokens = nn.Embedding(vocab_size, embed_dim)
+        self.positions = nn.Embedding(length, embed_dim)
+        self.attention = MultiHeadAttention(embed_dim, num_heads)
+        self.readout = nn.Linear(embed_dim, num_classes)
+
+    def forward(self, ids: torch.Tensor, head_mask: torch.Tensor | None = None):
+        if not isinstance(ids, torch.Tensor) or ids.dtype != torch.long or ids.ndim != 2:
+            raise TypeError(f"ids must be an int64 tensor (B, L), got {getattr(ids, 'dtype', type(ids))} "
+                            f"of shape {tuple(getattr(ids, 'shape', ()))}")
+        if ids.shape[1] > self.positions.num_embeddings:
+            raise ValueError(f"ids has length {ids.shape[1]} but the model knows "
+                             f"{self.positions.num_embeddings} positions")
+        x = self.tokens(ids) + self.positions.weight[: ids.shape[1]]
+        out, weights = self.attention(x, x, x, is_causal=True, head_mask=head_mask)
+        return self.readout(out), weights
+
+
+def kv_cache_bytes(num_layers: int, num_kv_heads: int, head_dim: int, seq_len: int,
+                   batch_size: int = 1, bytes_per_value: int = 2) -> int:
+    """Memory of a decoding key/value cache: ``2 (K and V) x layers x kv heads x head_dim x L x B x bytes``."""
+    args = dict(num_layers=num_layers, num_kv_heads=num_kv_heads, head_dim=head_dim,
+                seq_len=seq_len, batch_size=batch_size, bytes_per_value=bytes_per_value)
+    for name, v in args.items():
+        _checks.positive_number(name, v, integer=True)
+    return 2 * num_layers * num_kv_heads * head_dim * seq_len * batch_size * bytes_per_value
+
+
+def attention_flops(length_q: int, length_k: int, embed_dim: int, num_heads: int) -> dict[str, int]:
+    """Multiply-adds x 2 of one multi-head attention layer, by part.
+
+    Projections: ``2 L E^2`` each for Q and the output, ``2 L_k E^2`` each for K and V.
+    Scores ``Q K^T`` and the weighted sum ``A V``: ``2 L_q L_k (E / H)`` per head each,
+    so ``2 L_q L_k E`` in all: the number of heads cancels.
+    """
+    for name, v in (("length_q", length_q), ("length_k", length_k), ("embed_dim", embed_dim),
+                    ("num_heads", num_heads)):
+        _checks.positive_number(name, v, integer=True)
+    if embed_dim % num_heads:
+        raise ValueError(f"embed_dim={embed_dim} must be divisible by num_heads={num_heads}")
+    d = embed_dim // num_heads
+    return {
+        "projections": 2 * embed_dim * embed_dim * (2 * length_q + 2 * length_k),
+        "scores": num_heads * 2 * length_q * length_k * d,
+        "weighted sum": num_heads * 2 * length_q * length_k * d,
+    }
+
+
+def count_parameters(module: nn.Module) -> int:
+    """The number of trainable parameters of ``module``."""
+    if not isinstance(module, nn.Module):
+        raise TypeError(f"module must be a torch.nn.Module, got {type(module).__name__}")
+    return sum(p.numel() for p in module.parameters() if p.requires_grad)
