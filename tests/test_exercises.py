@@ -37,6 +37,8 @@ def test_a_slightly_wrong_answer_is_rejected(name, capsys):
             return out + 1
         if out.dtype == torch.bool:
             return ~out
+        if not out.is_floating_point():
+            return out + 1
         return out + 1e-2
 
     assert check(name, off_by_a_bit) is False
@@ -97,7 +99,7 @@ def test_nan_and_wrong_shapes_are_reported(name, capsys):
             return float("nan")
         if isinstance(out, tuple):
             return tuple(torch.full_like(o, float("nan")) for o in out)
-        return torch.full_like(out, float("nan"), dtype=torch.float32)
+        return torch.full_like(out, float("nan"), dtype=torch.float32)  # wrong dtype for int/bool answers
 
     def wrong_shape(*args, **kwargs):
         out = ref(*args, **kwargs)
@@ -227,3 +229,26 @@ def test_chapter_four_hints(capsys):
     assert "output projection" in capsys.readouterr().out
     assert check("ch04.kv_cache_bytes", lambda n, g, d, L, B, s: n * g * d * L * B * s) is False
     assert "keys AND values" in capsys.readouterr().out
+
+
+def test_chapter_five_hints(capsys):
+    from attn_course.positional import apply_rope
+
+    assert check("ch05.apply_rope", lambda x, p: apply_rope(x, -p)) is False
+    assert "rotate the wrong way" in capsys.readouterr().out
+
+    def halves(x, p):
+        d = x.shape[-1]
+        t = p[:, None].double() * 10000.0 ** (-torch.arange(0, d, 2, dtype=torch.float64) / d)
+        a, b = x[..., : d // 2], x[..., d // 2:]
+        return torch.cat([a * t.cos() - b * t.sin(), a * t.sin() + b * t.cos()], -1).to(x.dtype)
+
+    assert check("ch05.apply_rope", halves) is False
+    assert "interleaved" in capsys.readouterr().out
+    assert check("ch05.relative_position_index",
+                 lambda a, b, k: (torch.arange(a)[:, None] - torch.arange(b)[None, :]).clamp(-k, k) + k) is False
+    assert "j - i" in capsys.readouterr().out
+    assert check("ch05.relative_position_index", lambda a, b, k: torch.zeros(a, b)) is False
+    assert "integer tensor" in capsys.readouterr().out
+    assert check("ch05.alibi_slopes", lambda n: torch.tensor([2 ** (-8 * (k + 1) / n) for k in range(n)])) is False
+    assert "not a power of two" in capsys.readouterr().out

@@ -108,6 +108,13 @@ def test_heatmap_rejects_bad_input():
     plt.close("all")
 
 
+def test_heatmap_names_its_colorbar():
+    fig, ax = plt.subplots()
+    attention_heatmap(np.zeros((2, 2)), ax=ax, cbar_label="score")
+    assert fig.axes[1].get_ylabel() == "score"
+    plt.close(fig)
+
+
 def test_heatmap_annotations_and_own_figure():
     ax = attention_heatmap(np.eye(2), annotate=True, colorbar=False)
     assert [t.get_text() for t in ax.texts] == ["1.00", "0.00", "0.00", "1.00"]

@@ -53,12 +53,13 @@ def attention_heatmap(weights, *, x_labels: Sequence[str] | None = None,
                       y_labels: Sequence[str] | None = None, ax=None, title: str | None = None,
                       xlabel: str = "key position", ylabel: str = "query position",
                       cmap: str = "viridis", vmin: float | None = 0.0, vmax: float | None = None,
-                      colorbar: bool = True, annotate: bool = False):
+                      colorbar: bool = True, annotate: bool = False, cbar_label: str = "weight"):
     """Draw a ``(L_q, L_k)`` matrix of attention weights with labelled axes and a colorbar.
 
     ``x_labels`` / ``y_labels`` name the keys (columns) and queries (rows),
     e.g. tokens. ``annotate`` writes each weight in its cell (small maps
-    only). Returns the axes.
+    only). The same function draws any ``(rows, columns)`` matrix, e.g. scores or biases:
+    name it with ``cbar_label``. Returns the axes.
     """
     w = to_numpy(weights)
     if w.ndim != 2:
@@ -79,7 +80,7 @@ def attention_heatmap(weights, *, x_labels: Sequence[str] | None = None,
     if title:
         ax.set_title(title)
     if colorbar:
-        ax.figure.colorbar(im, ax=ax, label="weight", fraction=0.046, pad=0.04)
+        ax.figure.colorbar(im, ax=ax, label=cbar_label, fraction=0.046, pad=0.04)
     if annotate:
         hi = np.nanmax(w) if w.size else 0
         for i in range(w.shape[0]):

@@ -135,14 +135,16 @@ def compare(got, expected, what: str, atol: float, rtol: float) -> str | None:
         if got.ndim >= 2 and got.shape[:-2] + got.shape[-2:][::-1] == expected.shape:
             msg += " The last two axes look swapped: check which axis is queries and which is keys."
         return msg
-    if expected.dtype == torch.bool:
-        if got.dtype != torch.bool:
-            return f"{what} has dtype {got.dtype}; return a bool tensor."
+    if expected.dtype == torch.bool or not (expected.is_floating_point() or expected.is_complex()):
+        exact = "bool" if expected.dtype == torch.bool else "integer"
+        if (got.dtype == torch.bool) != (expected.dtype == torch.bool) or got.is_floating_point():
+            article = "a" if exact == "bool" else "an"
+            return f"{what} has dtype {got.dtype}; return {article} {exact} tensor like {expected.dtype}."
         wrong = (got.cpu() != expected.cpu())
         if wrong.any():
             idx = tuple(int(i) for i in wrong.nonzero()[0])
             return (f"{what} is wrong in {int(wrong.sum())} of {wrong.numel()} entries (first at index "
-                    f"{idx}: got {bool(got[idx])}, expected {bool(expected[idx])}).")
+                    f"{idx}: got {got[idx].item()}, expected {expected[idx].item()}).")
         return None
     if not got.is_floating_point():
         return f"{what} has dtype {got.dtype}; expected floating point like the inputs."

@@ -1,0 +1,263 @@
+"""Chapter 5, positional encoding: telling attention where each token is.
+
+Self-attention without positions is permutation-equivariant. Five ways to add
+order: sinusoidal and learned absolute encodings (added to the inputs),
+relative position representations (Shaw et al., 2018: learned vectors for
+clipped distances, added to keys and values), rotary embeddings (RoPE, Su et
+al., 2021: queries and keys rotated by their position) and ALiBi (Press et
+al., 2021: a per-head linear penalty on distance, added to the scores).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from . import _checks
+from .basics import masked_softmax
+from .multihead import merge_heads, split_heads
+
+__all__ = [
+    "sinusoidal_encoding",
+    "apply_rope",
+    "alibi_slopes",
+    "alibi_bias",
+    "LearnedPositionalEmbedding",
+    "RelativePositionEmbedding",
+    "relative_position_index",
+    "PositionalSelfAttention",
+    "PositionalModel",
+    "ENCODINGS",
+]
+
+ENCODINGS = ("none", "sinusoidal", "learned", "relative", "rope", "alibi")
+
+
+def _frequencies(dim: int, base: float, device=None, dtype=torch.float64) -> torch.Tensor:
+    """``base^(-2i/dim)`` for ``i = 0 .. ceil(dim/2) - 1``."""
+    return base ** (-torch.arange(0, dim, 2, device=device, dtype=dtype) / dim)
+
+
+def sinusoidal_encoding(length: int, dim: int, base: float = 10000.0) -> torch.Tensor:
+    r"""The sinusoidal position table of Vaswani et al. (2017).
+
+    .. math:: PE_{p, 2i} = \sin(p / \mathrm{base}^{2i/d}),\qquad PE_{p, 2i+1} = \cos(p / \mathrm{base}^{2i/d})
+
+    Returns ``(length, dim)`` in float32 (an odd ``dim`` ends with a sine column).
+    """
+    length = _checks.positive_number("length", length, integer=True)
+    dim = _checks.positive_number("dim", dim, integer=True)
+    base = _checks.positive_number("base", base)
+    angles = torch.arange(length, dtype=torch.float64)[:, None] * _frequencies(dim, base)[None, :]
+    pe = torch.empty(length, dim, dtype=torch.float64)
+    pe[:, 0::2] = torch.sin(angles)
+    pe[:, 1::2] = torch.cos(angles[:, : dim // 2])
+    return pe.float()
+
+
+def apply_rope(x: torch.Tensor, positions: torch.Tensor | None = None, base: float = 10000.0) -> torch.Tensor:
+    r"""Rotary position embedding (RoFormer, Su et al., 2021).
+
+    Each interleaved pair ``(x[..., 2i], x[..., 2i+1])`` of the token at position ``p``
+    is rotated by the angle :math:`\theta = p \cdot \mathrm{base}^{-2i/d}`:
+
+    .. math:: (x_{2i}, x_{2i+1}) \mapsto (x_{2i}\cos\theta - x_{2i+1}\sin\theta,\;
+              x_{2i}\sin\theta + x_{2i+1}\cos\theta)
+
+    so that the dot product of a rotated query at ``m`` and key at ``n`` depends on
+    ``m - n`` only. ``x (..., L, d)`` with ``d`` even; ``positions`` (int or float)
+    broadcasts to ``(..., L)`` and defaults to ``0 .. L-1``. Keeps dtype and device.
+    """
+    _checks.float_tensor("x", x, min_ndim=2)
+    base = _checks.positive_number("base", base)
+    L, d = x.shape[-2], x.shape[-1]
+    if d % 2:
+        raise ValueError(f"the last dimension of x must be even to form pairs, got shape {tuple(x.shape)}")
+    if positions is None:
+        positions = torch.arange(L, device=x.device)
+    elif not isinstance(positions, torch.Tensor):
+        raise TypeError(f"positions must be a tensor or None, got {type(positions).__name__}")
+    else:
+        if positions.is_complex() or positions.dtype == torch.bool:
+            raise TypeError(f"positions must hold integers or reals, got dtype {positions.dtype}")
+        if positions.device != x.device:
+            raise ValueError(f"positions is on {positions.device} but x is on {x.device}")
+        try:
+            torch.broadcast_shapes(positions.shape, x.shape[:-1])
+        except RuntimeError:
+            raise ValueError(f"positions of shape {tuple(positions.shape)} does not broadcast to "
+                             f"x's (..., L) = {tuple(x.shape[:-1])}") from None
+    work = torch.float64 if x.dtype == torch.float64 else torch.float32
+    theta = positions.to(work)[..., None] * _frequencies(d, base, x.device, work)  # (..., L, d/2)
+    cos, sin = torch.cos(theta), torch.sin(theta)
+    x1, x2 = x[..., 0::2].to(work), x[..., 1::2].to(work)
+    out = torch.stack([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1)  # (..., L, d/2, 2)
+    return out.flatten(-2).to(x.dtype)
+
+
+def alibi_slopes(num_heads: int) -> torch.Tensor:
+    r"""The head slopes of ALiBi (Press et al., 2021).
+
+    For ``n`` a power of two: :math:`m_k = 2^{-8k/n}`, ``k = 1 .. n``. Otherwise the
+    paper's rule: the slopes for the largest power of two ``m < n``, followed by every
+    other slope of ``2m`` heads until there are ``n``.
+    """
+    n = _checks.positive_number("num_heads", num_heads, integer=True)
+
+    def power_of_two(k: int) -> list[float]:
+        return [2 ** (-8 * (i + 1) / k) for i in range(k)]
+
+    if n & (n - 1) == 0:
+        slopes = power_of_two(n)
+    else:
+        m = 2 ** math.floor(math.log2(n))
+        slopes = power_of_two(m) + power_of_two(2 * m)[0::2][: n - m]
+    return torch.tensor(slopes, dtype=torch.float32)
+
+
+def alibi_bias(num_heads: int, length: int, *, is_causal: bool = True) -> torch.Tensor:
+    """ALiBi's additive score bias, ``(num_heads, length, length)``.
+
+    ``-slope[h] * (i - j)`` for keys ``j <= i`` and ``-inf`` above the diagonal when
+    causal; ``-slope[h] * |i - j|`` everywhere when not.
+    """
+    slopes = alibi_slopes(num_heads)
+    length = _checks.positive_number("length", length, integer=True)
+    pos = torch.arange(length)
+    distance = (pos[:, None] - pos[None, :]).float()  # i - j
+    if is_causal:
+        bias = -slopes[:, None, None] * distance.clamp(min=0)
+        return bias.masked_fill((distance < 0)[None], float("-inf"))
+    return -slopes[:, None, None] * distance.abs()
+
+
+class LearnedPositionalEmbedding(nn.Module):
+    """A trained vector per absolute position, added to the inputs (as in BERT and GPT).
+
+    ``forward(x (B, L, E)) -> x + P[:L]``; positions past ``max_length`` do not exist.
+    """
+
+    def __init__(self, max_length: int, embed_dim: int):
+        super().__init__()
+        _checks.positive_number("max_length", max_length, integer=True)
+        self.table = nn.Embedding(max_length, embed_dim)
+        nn.init.normal_(self.table.weight, std=0.02)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        _checks.float_tensor("x", x, ndim=3)
+        if x.shape[1] > self.table.num_embeddings:
+            raise ValueError(f"x has {x.shape[1]} positions but the table has only "
+                             f"{self.table.num_embeddings} (max_length)")
+        return x + self.table.weight[: x.shape[1]]
+
+
+def relative_position_index(length_q: int, length_k: int, max_distance: int, device=None) -> torch.Tensor:
+    """``(L_q, L_k)`` int64 table of ``clip(j - i, -k, k) + k``: which of the ``2k + 1`` relative
+    embeddings query ``i`` uses for key ``j`` (Shaw et al., 2018)."""
+    for name, v in (("length_q", length_q), ("length_k", length_k), ("max_distance", max_distance)):
+        _checks.positive_number(name, v, integer=True)
+    rel = torch.arange(length_k, device=device)[None, :] - torch.arange(length_q, device=device)[:, None]
+    return rel.clamp(-max_distance, max_distance) + max_distance
+
+
+class RelativePositionEmbedding(nn.Module):
+    r"""Relative position representations (Shaw et al., 2018), one table for keys or values.
+
+    ``forward(L_q, L_k) -> (L_q, L_k, head_dim)``: the vector :math:`a_{ij} = w_{\mathrm{clip}(j - i, -k, k)}`,
+    with distances clipped to ``max_distance = k``: beyond ``k`` every distance looks alike,
+    which is what lets it work on sequences longer than those seen in training.
+    """
+
+    def __init__(self, max_distance: int, head_dim: int):
+        super().__init__()
+        self.max_distance = _checks.positive_number("max_distance", max_distance, integer=True)
+        self.table = nn.Embedding(2 * self.max_distance + 1, head_dim)
+        nn.init.normal_(self.table.weight, std=0.02)
+
+    def forward(self, length_q: int, length_k: int) -> torch.Tensor:
+        return self.table(relative_position_index(length_q, length_k, self.max_distance,
+                                                  device=self.table.weight.device))
+
+
+class PositionalSelfAttention(nn.Module):
+    """Multi-head self-attention with a choice of where positions enter.
+
+    ``encoding`` is one of ``"none"``, ``"sinusoidal"``, ``"learned"`` (these three act on
+    the inputs, so the layer itself ignores positions), ``"relative"`` (Shaw et al.:
+    clipped-distance vectors added to keys and values), ``"rope"`` (queries and keys
+    rotated) or ``"alibi"`` (a per-head distance penalty added to the scores).
+    ``forward(x (B, L, E), *, is_causal=True) -> (output (B, L, E), weights (B, H, L, L))``.
+    """
+
+    def __init__(self, embed_dim: int, num_heads: int, encoding: str = "none", *,
+                 max_distance: int = 8):
+        super().__init__()
+        if encoding not in ENCODINGS:
+            raise ValueError(f"encoding must be one of {ENCODINGS}, got {encoding!r}")
+        embed_dim = _checks.positive_number("embed_dim", embed_dim, integer=True)
+        num_heads = _checks.positive_number("num_heads", num_heads, integer=True)
+        if embed_dim % num_heads:
+            raise ValueError(f"embed_dim={embed_dim} must be divisible by num_heads={num_heads}")
+        self.encoding, self.num_heads, self.head_dim = encoding, num_heads, embed_dim // num_heads
+        if encoding == "rope" and self.head_dim % 2:
+            raise ValueError(f"rope needs an even head width, got embed_dim/num_heads = {self.head_dim}")
+        self.qkv = nn.Linear(embed_dim, 3 * embed_dim)
+        self.out = nn.Linear(embed_dim, embed_dim)
+        if encoding == "relative":
+            self.rel_k = RelativePositionEmbedding(max_distance, self.head_dim)
+            self.rel_v = RelativePositionEmbedding(max_distance, self.head_dim)
+        if encoding == "alibi":
+            self.register_buffer("slopes", alibi_slopes(num_heads), persistent=False)
+
+    def forward(self, x: torch.Tensor, *, is_causal: bool = True):
+        _checks.float_tensor("x", x, ndim=3)
+        B, L, _ = x.shape
+        q, k, v = (split_heads(t, self.num_heads) for t in self.qkv(x).chunk(3, dim=-1))  # (B, H, L, d)
+        if self.encoding == "rope":
+            q, k = apply_rope(q), apply_rope(k)
+        scores = q @ k.transpose(-2, -1)                                # (B, H, L, L)
+        if self.encoding == "relative":
+            a_k = self.rel_k(L, L)                                      # (L, L, d)
+            scores = scores + torch.einsum("bhid,ijd->bhij", q, a_k)
+        scores = scores / math.sqrt(self.head_dim)
+        if self.encoding == "alibi":
+            pos = torch.arange(L, device=x.device)
+            distance = (pos[:, None] - pos[None, :]).abs().to(scores.dtype)
+            scores = scores - self.slopes.to(scores.dtype)[:, None, None] * distance
+        mask = torch.ones(L, L, dtype=torch.bool, device=x.device).tril() if is_causal else None
+        weights = masked_softmax(scores, mask)
+        heads = weights @ v
+        if self.encoding == "relative":
+            heads = heads + torch.einsum("bhij,ijd->bhid", weights, self.rel_v(L, L))
+        return self.out(merge_heads(heads)), weights
+
+
+class PositionalModel(nn.Module):
+    """Embeddings, an optional input-side encoding, one positional self-attention layer, a readout.
+
+    ``forward(ids (B, L)) -> (logits (B, L, vocab_size), weights (B, H, L, L))``. A residual
+    connection carries each token's own embedding past the attention layer.
+    """
+
+    def __init__(self, vocab_size: int, embed_dim: int, num_heads: int, encoding: str, *,
+                 max_length: int = 256, max_distance: int = 8):
+        super().__init__()
+        _checks.positive_number("vocab_size", vocab_size, integer=True)
+        self.encoding = encoding
+        self.tokens = nn.Embedding(vocab_size, embed_dim)
+        self.learned = LearnedPositionalEmbedding(max_length, embed_dim) if encoding == "learned" else None
+        self.attention = PositionalSelfAttention(embed_dim, num_heads, encoding, max_distance=max_distance)
+        self.readout = nn.Linear(embed_dim, vocab_size)
+
+    def forward(self, ids: torch.Tensor):
+        if not isinstance(ids, torch.Tensor) or ids.dtype != torch.long or ids.ndim != 2:
+            raise TypeError(f"ids must be an int64 tensor (B, L), got {getattr(ids, 'dtype', type(ids))}")
+        x = self.tokens(ids)
+        if self.encoding == "sinusoidal":
+            x = x + sinusoidal_encoding(ids.shape[1], x.shape[-1]).to(x.device, x.dtype)
+        elif self.learned is not None:
+            x = self.learned(x)
+        out, weights = self.attention(x)
+        return self.readout(x + out), weights
