@@ -19,7 +19,7 @@ export PIP_DISABLE_PIP_VERSION_CHECK := 1
 # Notebooks run for the book / nbval store interactive figures in their static form.
 NB_ENV := ATTN_COURSE_STATIC=1 MPLBACKEND=module://matplotlib_inline.backend_inline
 
-.PHONY: help setup book test unit nbval lint build-strict browser site notebooks stamp bench serve clean
+.PHONY: help setup book test unit nbval lint build-strict browser site notebooks stamp bench bench-reference serve clean
 
 help:
 	@echo "make book       build the site into _build/html"
@@ -85,8 +85,14 @@ notebooks: setup
 stamp: setup
 	$(PY) -m attn_course.authoring stamp
 
+# Optional baselines for the benchmark (not runtime dependencies): pyproject's [bench] extra.
 bench: setup
-	$(PY) -m attn_course.bench
+	$(PY) -m pip install -q "local-attention==1.11.2"
+	$(PY) -m attn_course.bench --out _build/bench
+
+# Store this machine's run as the reference the chapter shows (then `make notebooks`).
+bench-reference: bench
+	cp _build/bench/sparse.json src/attn_course/results/sparse_cpu.json
 
 serve:
 	@test -f _build/html/index.html || { echo "No site yet: run 'make book' first."; exit 1; }

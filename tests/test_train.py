@@ -32,3 +32,29 @@ def test_bench_runs_and_reports_ratios():
     assert [r[0] for r in rows] == [16, 32]
     assert all(r[1] > 0 and r[2] > 0 and abs(r[3] - r[1] / r[2]) < 1e-9 for r in rows)
     assert "torch" in bench.machine()
+
+
+def test_sparse_benchmark_pieces():
+    from attn_course import bench
+
+    r = bench.run_one("sliding_window", 1024)
+    assert r["method"] == "sliding_window" and r["L"] == 1024 and r["seconds"] > 0
+    assert r["max_error"] < 1e-4 and r["flops"] == 4 * 8 * 64 * bench._band_pairs(1024, 256)
+    assert bench._band_pairs(10, 2) == int((torch.arange(10)[:, None] - torch.arange(10)[None, :]).abs().le(2).sum())
+    assert abs(bench._fit_slope([(1, 1.0), (2, 4.0), (4, 16.0)]) - 2) < 1e-12
+    fake = [{"method": m, "L": L, "seconds": t * L / 1000, "peak_mib": 1.0, "max_error": 0.0, "flops": 1e9}
+            for m, t in (("dense SDPA", 2.0), ("SDPA + band mask", 3.0), ("sliding_window", 0.5))
+            for L in (1000, 2000)]
+    table = bench.sparse_table(fake, peak=100.0)
+    assert "| sliding_window | 2000 | 1000.0 | 1 | 4.00x | 6.00x |" in table
+    assert table.count("\n") == 1 + 6
+
+
+def test_stored_reference_results_are_complete():
+    from attn_course import bench
+
+    ref = bench.reference_results()
+    methods = {r["method"] for r in ref["results"]}
+    assert {"dense SDPA", "SDPA + band mask", "sliding_window", "bigbird (block 64)", "performer (256 features)"} <= methods
+    assert {r["L"] for r in ref["results"]} == set(bench.LENGTHS)
+    assert ref["matmul_peak_gflops"] > 0 and "torch" in ref["machine"]

@@ -1,23 +1,40 @@
 """Benchmarks (``make bench``): side-by-side timings on this machine, reported as ratios.
 
-Timings from shared machines are noisy; what counts is the ratio of two
-implementations measured in the same run. Nothing here is asserted in tests.
+Timings on shared machines are noisy; what counts is the ratio of implementations
+measured in the same run, and nothing here is asserted by the tests.
 
-Chapter 1: the course's materialised scaled dot-product attention (it returns
-the ``L x L`` weights, for teaching) against PyTorch's fused
-``scaled_dot_product_attention`` (which never stores them).
+* Chapter 1: the course's materialised attention (it returns the weights) against
+  PyTorch's fused ``scaled_dot_product_attention``.
+* Chapter 6: every method of :mod:`attn_course.sparse` against dense SDPA and against
+  SDPA given the pattern as a bool mask, for ``L`` in 1k .. 16k (B=1, H=8, d=64,
+  window +-256), each configuration in a fresh process: median time, peak memory,
+  ratios, max error against a float64 dense reference (on sampled query rows),
+  achieved GFLOP/s as a share of the best dense rate this machine reaches, and the slope of time
+  against ``L``. ``local-attention`` and compiled ``flex_attention`` join as baselines
+  when installed. Results go to ``--out`` as JSON, a markdown table and a plot.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import math
+import os
 import platform
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch.utils import benchmark
 
-from . import basics, get_device
+from . import basics, get_device, sparse
+
+B, H, D, WINDOW, BLOCK, GLOBALS = 1, 8, 64, 256, 64, 16
+LENGTHS = (1024, 2048, 4096, 8192, 16384)
 
 
 def machine() -> str:
@@ -28,10 +45,12 @@ def machine() -> str:
 
 
 def _time(stmt: str, env: dict, min_run_time: float) -> float:
-    return benchmark.Timer(stmt=stmt, globals=env).blocked_autorange(min_run_time=min_run_time).median
+    return benchmark.Timer(stmt=stmt, globals=env, num_threads=torch.get_num_threads()).blocked_autorange(
+        min_run_time=min_run_time).median
 
 
 def sdpa(lengths=(128, 256, 512, 1024, 2048), batch=2, heads=4, dim=64, min_run_time=0.3):
+    """Chapter 1: (L, ours ms, fused ms, ours/fused, weights MiB) per length."""
     dev = get_device()
     dtype = torch.float16 if dev.type == "cuda" else torch.float32
     rows = []
@@ -46,17 +65,311 @@ def sdpa(lengths=(128, 256, 512, 1024, 2048), batch=2, heads=4, dim=64, min_run_
     return rows
 
 
+# --- chapter 6 --------------------------------------------------------------------------------------
+
+def _band_pairs(L: int, w: int) -> int:
+    """Number of (i, j) with |i - j| <= w inside [0, L)."""
+    w = min(w, L - 1)
+    return L * (2 * w + 1) - w * (w + 1)
+
+
+def _strided_layout(nb: int) -> torch.Tensor:
+    """A Sparse-Transformer-style fixed layout: a 5-block band plus every 16th block column."""
+    r = torch.arange(nb)
+    return ((r[:, None] - r[None, :]).abs() <= 2) | (r[None, :] % 16 == 15)
+
+
+def _methods():
+    """name -> (setup(L, q, k, v) -> call, row_mask(rows, L) -> bool (R, L) or None for dense, flops(L))."""
+    dense_rows = None
+
+    def band_rows(rows, L):
+        return (rows[:, None] - torch.arange(L)[None, :]).abs() <= WINDOW
+
+    def layout_rows(layout_fn):
+        def f(rows, L):
+            lay = layout_fn(L // BLOCK)
+            return lay[rows // BLOCK].repeat_interleave(BLOCK, dim=1)
+        return f
+
+    bigbird = lambda nb: sparse.bigbird_layout(nb)  # noqa: E731
+    band_flops = lambda L: 4 * B * H * D * _band_pairs(L, WINDOW)  # noqa: E731
+
+    def global_rows(rows, L):
+        g = torch.linspace(0, L - 1, GLOBALS).long()
+        m = band_rows(rows, L)
+        m[:, g] = True
+        m[torch.isin(rows, g)] = True
+        return m
+
+    methods = {
+        "dense SDPA": (lambda L, q, k, v: lambda: F.scaled_dot_product_attention(q, k, v),
+                       dense_rows, lambda L: 4 * B * H * D * L * L),
+        "SDPA + band mask": (lambda L, q, k, v: lambda: F.scaled_dot_product_attention(
+                                 q, k, v, attn_mask=sparse.sliding_window_mask(L, WINDOW).to(q.device)),
+                             band_rows, band_flops),
+        "sliding_window": (lambda L, q, k, v: lambda: sparse.sliding_window_attention(q, k, v, WINDOW),
+                           band_rows, band_flops),
+        "longformer (+16 global)": (lambda L, q, k, v: (lambda g: lambda: sparse.longformer_attention(
+                                        q, k, v, WINDOW, g))(torch.linspace(0, L - 1, GLOBALS).long()),
+                                    global_rows, None),
+        "bigbird (block 64)": (lambda L, q, k, v: lambda: sparse.bigbird_attention(q, k, v, BLOCK),
+                               layout_rows(bigbird), None),
+        "block-sparse (strided)": (lambda L, q, k, v: (lambda lay: lambda: sparse.block_sparse_attention(
+                                       q, k, v, lay, BLOCK))(_strided_layout(L // BLOCK)),
+                                   layout_rows(_strided_layout), None),
+        "performer (256 features)": (lambda L, q, k, v: lambda: sparse.performer_attention(q, k, v, 256),
+                                     dense_rows, lambda L: 8 * B * H * L * 256 * D),
+        "lsh (bucket 64, 4 hashes)": (lambda L, q, k, v: lambda: sparse.lsh_attention(q, k, v, 64, 4),
+                                      None, None),
+        "top-k (k=64)": (lambda L, q, k, v: lambda: sparse.topk_attention(q, k, v, 64), None,
+                         lambda L: 4 * B * H * D * L * L),
+    }
+    if sparse.flex_available():
+        def flex_direct(L, q, k, v):
+            from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+            bm = create_block_mask(lambda b, h, i, j: (i - j).abs() <= WINDOW, None, None, L, L,
+                                   device=str(q.device))
+            compiled = torch.compile(flex_attention, dynamic=False)
+            return lambda: compiled(q, k, v, block_mask=bm)
+
+        def flex_backend(L, q, k, v):
+            call = lambda: sparse.sliding_window_attention(q, k, v, WINDOW, backend="flex")  # noqa: E731
+            call()  # compile and build the block mask once, as the direct baseline does in its setup
+            return call
+
+        methods["sliding_window (flex backend)"] = (flex_backend, band_rows, band_flops)
+        methods["flex_attention, called directly"] = (flex_direct, band_rows, band_flops)
+    try:
+        from local_attention import LocalAttention
+
+        def local_attention(L, q, k, v):
+            layer = LocalAttention(window_size=WINDOW, look_backward=1, look_forward=1, exact_windowsize=True,
+                                   use_rotary_pos_emb=False, autopad=True)
+            return lambda: layer(q, k, v)
+
+        methods["local-attention (exact window)"] = (local_attention, band_rows, band_flops)
+    except ImportError:
+        pass
+    return methods
+
+
+def reference_results() -> dict:
+    """The stored chapter-6 benchmark (``results/sparse_cpu.json``, written by ``make bench-reference``)."""
+    from importlib.resources import files
+
+    return json.loads(files("attn_course").joinpath("results/sparse_cpu.json").read_text())
+
+
+class _PeakMemory:
+    """Peak resident memory above the level at entry, in MiB, sampled every half millisecond.
+
+    Reads /proc/self/statm (Linux); elsewhere falls back to the process's lifetime peak.
+    """
+
+    def __enter__(self):
+        import threading
+
+        self._linux = Path("/proc/self/statm").exists()
+        self.base = self._now()
+        self.peak = self.base
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._thread.start()
+        return self
+
+    def _now(self) -> float:
+        if self._linux:
+            pages = int(Path("/proc/self/statm").read_text().split()[1])
+            return pages * os.sysconf("SC_PAGE_SIZE") / 2**20
+        rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        return rss / 2**20 if sys.platform == "darwin" else rss / 1024
+
+    def _sample(self):
+        while not self._stop.is_set():
+            self.peak = max(self.peak, self._now())
+            time.sleep(0.0005)
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, self._now())
+        self.mib = self.peak - self.base
+
+
+def matmul_peak_gflops() -> float:
+    """The best float32 rate this device reaches on dense math, in GFLOP/s: square and
+    attention-shaped matrix products, and PyTorch's fused attention kernel itself (on some
+    CPUs the BLAS library is slower than the fused kernel). The ceiling the methods are
+    compared to."""
+    dev = get_device()
+    best = 0.0
+    for a_shape, b_shape in (((2048, 2048), (2048, 2048)), ((4096, 4096), (4096, 4096)),
+                             ((8, 2048, 64), (8, 64, 2048)), ((8, 2048, 2048), (8, 2048, 64))):
+        a, b = torch.randn(*a_shape, device=dev), torch.randn(*b_shape, device=dev)
+        flops = 2 * a.numel() * b_shape[-1]
+        best = max(best, flops / _time("a @ b", {"a": a, "b": b}, 0.5) / 1e9)
+    q, k, v = (torch.randn(1, 8, 4096, 64, device=dev) for _ in range(3))
+    t = _time("F.scaled_dot_product_attention(q, k, v)", {"F": F, "q": q, "k": k, "v": v}, 0.5)
+    return max(best, 4 * 8 * 4096 * 4096 * 64 / t / 1e9)
+
+
+def run_one(name: str, L: int) -> dict:
+    """Measure one method at one length in this process (call it in a fresh one)."""
+    setup, row_mask, flops = _methods()[name]
+    dev = get_device()
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(B, H, L, D, device=dev) for _ in range(3))
+    with torch.no_grad():
+        warm = min(L // 4, 1024)  # smaller than L: the measured call allocates afresh
+        setup(warm, q[:, :, :warm].contiguous(), k[:, :, :warm].contiguous(), v[:, :, :warm].contiguous())()
+        call = setup(L, q, k, v)
+        if dev.type == "cuda":
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            base_cuda = torch.cuda.memory_allocated() / 2**20
+        with _PeakMemory() as memory:
+            start = time.perf_counter()
+            out = call()                                   # first call: includes any compilation
+            first = time.perf_counter() - start
+            times = []
+            for _ in range(3 if first < 2 else 1):
+                start = time.perf_counter()
+                out = call()
+                if dev.type == "cuda":
+                    torch.cuda.synchronize()
+                times.append(time.perf_counter() - start)
+        peak = torch.cuda.max_memory_allocated() / 2**20 - base_cuda if dev.type == "cuda" else memory.mib
+        result = {"method": name, "L": L, "seconds": sorted(times)[len(times) // 2], "first_call": first,
+                  "peak_mib": peak}
+        # max error against float64 dense attention on 64 query rows (with the method's mask)
+        rows = torch.unique(torch.cat([torch.linspace(0, L - 1, 62).long(), torch.tensor([1, L - 2])]))
+        if name.startswith("lsh"):
+            mask = None  # LSH is compared with exact dense attention: its error is the approximation
+        else:
+            mask = None if row_mask is None else row_mask(rows, L).to(dev)
+        if name.startswith("top-k"):
+            s = (q[:, :, rows].double() @ k.double().transpose(-2, -1))
+            mask = s >= s.topk(64, dim=-1).values[..., -1:]
+        s = q[:, :, rows].double() @ k.double().transpose(-2, -1) / math.sqrt(D)
+        if mask is not None:
+            s = s.masked_fill(~mask, float("-inf"))
+        ref = torch.softmax(s, -1) @ v.double()
+        result["max_error"] = (out[:, :, rows].double() - ref).abs().max().item()
+        result["flops"] = flops(L) if flops else None
+    return result
+
+
+def _fit_slope(points: list[tuple[int, float]]) -> float | None:
+    if len(points) < 2:
+        return None
+    xs = [math.log(L) for L, _ in points]
+    ys = [math.log(t) for _, t in points]
+    mx, my = sum(xs) / len(xs), sum(ys) / len(ys)
+    return sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / sum((x - mx) ** 2 for x in xs)
+
+
+def sparse_table(results: list[dict], peak: float) -> str:
+    """The markdown table of chapter 6's benchmark."""
+    by = {(r["method"], r["L"]): r for r in results}
+    lengths = sorted({r["L"] for r in results})
+    lines = ["| method | L | time (ms) | peak MiB (above the inputs) | vs dense SDPA | vs SDPA + band mask | max error | "
+             "GFLOP/s (% of best dense rate) | slope |",
+             "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    for method in dict.fromkeys(r["method"] for r in results):
+        pts = [(L, by[method, L]["seconds"]) for L in lengths if (method, L) in by]
+        slope = _fit_slope(pts)
+        for L in lengths:
+            r = by.get((method, L))
+            if r is None:
+                continue
+            dense, masked = by.get(("dense SDPA", L)), by.get(("SDPA + band mask", L))
+            gflops = f"{r['flops'] / r['seconds'] / 1e9:.1f} ({100 * r['flops'] / r['seconds'] / 1e9 / peak:.0f}%)" \
+                if r.get("flops") else "-"
+            lines.append(
+                f"| {method} | {L} | {1e3 * r['seconds']:.1f} | {r['peak_mib']:.0f} | "
+                f"{dense['seconds'] / r['seconds']:.2f}x | " if dense else f"| {method} | {L} | {1e3 * r['seconds']:.1f} | {r['peak_mib']:.0f} | - | ")
+            lines[-1] += (f"{masked['seconds'] / r['seconds']:.2f}x | " if masked else "- | ")
+            lines[-1] += f"{r['max_error']:.1e} | {gflops} | " + (f"{slope:.2f} |" if (slope is not None and L == lengths[-1]) else " |")
+    return "\n".join(lines)
+
+
+def plot(results: list[dict], path: Path | None = None, ax=None):
+    """Time against L on log-log axes, one line per method."""
+    import matplotlib.pyplot as plt
+
+    from .plotting import set_style
+
+    set_style()
+    if ax is None:
+        fig, ax = plt.subplots(figsize=(8, 4.6))
+    methods = list(dict.fromkeys(r["method"] for r in results))
+    colours = plt.cm.tab20(range(len(methods)))
+    for i, method in enumerate(methods):
+        pts = sorted((r["L"], r["seconds"]) for r in results if r["method"] == method)
+        ax.plot(*zip(*pts), "os^vDP"[i % 6] + ("-" if i < 10 else "--"), ms=3.5, label=method, color=colours[i],
+                lw=2.5 if method in ("dense SDPA", "sliding_window") else 1.2)
+    ax.set(xscale="log", yscale="log", xlabel="sequence length L", ylabel="seconds (median)",
+           title="Attention time against length (B=1, H=8, d=64, window 256)")
+    ax.legend(fontsize=7, ncols=2)
+    if path is not None:
+        ax.figure.savefig(path, dpi=110, bbox_inches="tight")
+    return ax
+
+
+def run_sparse(lengths, out_dir: Path, timeout: int = 600) -> list[dict]:
+    results = []
+    for name in _methods():
+        for L in lengths:
+            cmd = [sys.executable, "-m", "attn_course.bench", "--one", name, str(L)]
+            try:
+                proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout,
+                                      env={**os.environ, "PYTHONWARNINGS": "ignore"})
+            except subprocess.TimeoutExpired:
+                print(f"  {name} at L={L}: timed out after {timeout} s", flush=True)
+                continue
+            line = proc.stdout.strip().splitlines()[-1] if proc.stdout.strip() else ""
+            if proc.returncode or not line.startswith("{"):
+                print(f"  {name} at L={L}: failed ({proc.stderr.strip().splitlines()[-1:] or '?'})", flush=True)
+                continue
+            r = json.loads(line)
+            results.append(r)
+            print(f"  {name:<32} L={L:>5}: {1e3 * r['seconds']:9.1f} ms, peak {r['peak_mib']:7.0f} MiB, "
+                  f"error {r['max_error']:.1e}", flush=True)
+    return results
+
+
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m attn_course.bench", description=__doc__)
-    parser.add_argument("--quick", action="store_true", help="fewer sizes, shorter runs")
+    parser = argparse.ArgumentParser(prog="python -m attn_course.bench", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="lengths up to 4k, shorter runs")
+    parser.add_argument("--out", type=Path, default=Path("_build/bench"), help="where results are written")
+    parser.add_argument("--one", nargs=2, metavar=("METHOD", "L"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
-    print("machine:", machine())
-    print("\nChapter 1: materialised attention (returns weights) vs torch's fused SDPA, causal,"
-          " B=2, H=4, d=64")
+    if args.one:
+        print(json.dumps(run_one(args.one[0], int(args.one[1]))))
+        return 0
+    args.out.mkdir(parents=True, exist_ok=True)
+    info = machine()
+    peak = matmul_peak_gflops()
+    print("machine:", info)
+    print(f"best float32 dense rate (GEMM or fused attention): {peak:.1f} GFLOP/s")
+    print("\nChapter 1: materialised attention (returns weights) vs torch's fused SDPA, causal, B=2, H=4, d=64")
     print(f"{'L':>6} {'ours ms':>10} {'fused ms':>10} {'ours/fused':>11} {'weights MiB':>12}")
-    lengths = (128, 512) if args.quick else (128, 256, 512, 1024, 2048)
-    for L, ours, fused, ratio, mb in sdpa(lengths, min_run_time=0.1 if args.quick else 0.3):
+    for L, ours, fused, ratio, mb in sdpa((128, 512) if args.quick else (128, 256, 512, 1024, 2048),
+                                          min_run_time=0.1 if args.quick else 0.3):
         print(f"{L:>6} {ours:>10.3f} {fused:>10.3f} {ratio:>10.2f}x {mb:>12.1f}")
+    lengths = LENGTHS[:3] if args.quick else LENGTHS
+    print(f"\nChapter 6: sparse attention, B={B}, H={H}, d={D}, window +-{WINDOW}, each in a fresh process")
+    results = run_sparse(lengths, args.out)
+    table = sparse_table(results, peak)
+    print("\n" + table)
+    (args.out / "sparse.json").write_text(json.dumps({"machine": info, "matmul_peak_gflops": peak,
+                                                      "results": results}, indent=1))
+    (args.out / "sparse.md").write_text(f"Machine: {info}; best float32 dense rate {peak:.1f} GFLOP/s.\n\n{table}\n")
+    plot(results, args.out / "sparse.png")
+    print(f"\nwritten: {args.out}/sparse.json, sparse.md, sparse.png")
     return 0
 
 
