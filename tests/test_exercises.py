@@ -252,3 +252,12 @@ def test_chapter_five_hints(capsys):
     assert "integer tensor" in capsys.readouterr().out
     assert check("ch05.alibi_slopes", lambda n: torch.tensor([2 ** (-8 * (k + 1) / n) for k in range(n)])) is False
     assert "not a power of two" in capsys.readouterr().out
+
+
+def test_chapter_two_hints(capsys):
+    assert check("ch02.padding_mask", lambda lengths, m: torch.arange(m)[None, :] >= lengths[:, None]) is False
+    assert "True marks the real tokens" in capsys.readouterr().out
+    assert check("ch02.causal_mask", lambda n: torch.ones(n, n, dtype=torch.bool).triu()) is False
+    assert "lower triangle" in capsys.readouterr().out
+    assert check("ch02.causal_mask", lambda n: torch.ones(n, n, dtype=torch.bool).tril(-1)) is False
+    assert "keep the diagonal" in capsys.readouterr().out

@@ -6,7 +6,7 @@ import torch
 
 from . import _checks
 
-__all__ = ["marker_task", "noisy_sine", "two_relation_task"]
+__all__ = ["marker_task", "noisy_sine", "two_relation_task", "reverse_task"]
 
 
 def marker_task(num_examples: int, length: int, *, moving: bool = True,
@@ -83,3 +83,23 @@ def two_relation_task(num_examples: int, vocab_size: int = 10, length: int = 16,
     targets = previous * V + symbols[rows, marked][:, None]
     valid = torch.arange(L)[None, :] > marked[:, None] + 1
     return ids, targets.masked_fill(~valid, -100)
+
+
+def reverse_task(num_examples: int, length: int, vocab_size: int = 10, *,
+                 generator: torch.Generator | None = None
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Sequence reversal for an encoder-decoder (chapter 2).
+
+    ``source`` holds ``length`` random symbols in ``0 .. vocab_size - 1``; the target is
+    the same symbols in reverse order. ``decoder_input`` is the target shifted right by
+    one behind a start token ``vocab_size`` (teacher forcing).
+
+    Returns ``source``, ``decoder_input`` and ``target``, each ``(num_examples, length)`` int64.
+    """
+    n = _checks.positive_number("num_examples", num_examples, integer=True)
+    L = _checks.positive_number("length", length, integer=True)
+    V = _checks.positive_number("vocab_size", vocab_size, integer=True)
+    source = torch.randint(0, V, (n, L), generator=generator)
+    target = source.flip(1)
+    decoder_input = torch.cat([torch.full((n, 1), V), target[:, :-1]], dim=1)
+    return source, decoder_input, target

@@ -11,7 +11,7 @@ from torch import nn
 from . import _checks
 from .widgets import is_static
 
-__all__ = ["fit", "History", "sequence_cross_entropy", "masked_accuracy", "IGNORE"]
+__all__ = ["fit", "fit_stream", "History", "sequence_cross_entropy", "masked_accuracy", "IGNORE"]
 
 IGNORE = -100  # target value of positions that do not count (as in torch's cross_entropy)
 
@@ -39,29 +39,49 @@ def masked_accuracy(logits: torch.Tensor, targets: torch.Tensor) -> float:
     return (logits.argmax(-1)[keep] == targets[keep]).float().mean().item()
 
 
-def fit(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor, *,
+def fit(model: nn.Module, inputs, targets: torch.Tensor, *,
         loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
         steps: int = 300, lr: float = 1e-2, batch_size: int = 64, seed: int = 0,
         desc: str = "training", eval_fn: Callable[[nn.Module], float] | None = None,
         eval_every: int = 50) -> History:
     """Train ``model`` with Adam on mini-batches drawn from ``(inputs, targets)``.
 
-    ``model(inputs)`` may return a tensor or a tuple whose first item is the
-    prediction. Shows a tqdm progress bar in a live session (none when the
-    book is built, where it would only print timings). ``eval_fn(model)``,
-    if given, is called (in eval mode, without gradients) every ``eval_every``
-    steps and after the last. Returns a :class:`History`.
+    ``inputs`` is a tensor, or a tuple of tensors passed to ``model`` as separate
+    arguments. ``model(...)`` may return a tensor or a tuple whose first item is the
+    prediction. Shows a tqdm progress bar in a live session (none when the book is
+    built, where it would only print timings). ``eval_fn(model)``, if given, is called
+    (in eval mode, without gradients) every ``eval_every`` steps and after the last.
+    Returns a :class:`History`.
     """
-    steps = _checks.positive_number("steps", steps, integer=True)
     batch_size = _checks.positive_number("batch_size", batch_size, integer=True)
+    parts = inputs if isinstance(inputs, tuple) else (inputs,)
+    for i, x in enumerate(parts):
+        if x.shape[0] != targets.shape[0]:
+            raise ValueError(f"inputs and targets must have the same number of examples; got "
+                             f"inputs[{i}] {tuple(x.shape)}, targets {tuple(targets.shape)}")
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    n = targets.shape[0]
+
+    def next_batch(step):
+        idx = torch.randint(0, n, (min(batch_size, n),), generator=gen).to(targets.device)
+        return tuple(x[idx] for x in parts), targets[idx]
+
+    return fit_stream(model, next_batch, loss_fn=loss_fn, steps=steps, lr=lr, desc=desc,
+                      eval_fn=eval_fn, eval_every=eval_every)
+
+
+def fit_stream(model: nn.Module, next_batch: Callable[[int], tuple], *,
+               loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
+               steps: int = 300, lr: float = 1e-2, desc: str = "training",
+               eval_fn: Callable[[nn.Module], float] | None = None, eval_every: int = 50) -> History:
+    """Like :func:`fit`, with batches from ``next_batch(step) -> (inputs, targets)``
+    (``inputs`` a tensor or a tuple of tensors): for data generated on the fly, e.g.
+    a new sequence length every step."""
+    steps = _checks.positive_number("steps", steps, integer=True)
     lr = _checks.positive_number("lr", lr)
-    if inputs.shape[0] != targets.shape[0]:
-        raise ValueError(f"inputs and targets must have the same number of examples; got "
-                         f"inputs {tuple(inputs.shape)}, targets {tuple(targets.shape)}")
+    eval_every = _checks.positive_number("eval_every", eval_every, integer=True)
     loss_fn = loss_fn or nn.functional.mse_loss
     opt = torch.optim.Adam(model.parameters(), lr=lr)
-    gen = torch.Generator(device="cpu").manual_seed(seed)
-    n = inputs.shape[0]
     history = History()
     from tqdm.auto import trange
 
@@ -73,10 +93,10 @@ def fit(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor, *,
 
     model.train()
     for step in trange(1, steps + 1, desc=desc, disable=is_static(), leave=False):
-        idx = torch.randint(0, n, (min(batch_size, n),), generator=gen).to(inputs.device)
-        out = model(inputs[idx])
+        inputs, targets = next_batch(step)
+        out = model(*inputs) if isinstance(inputs, tuple) else model(inputs)
         pred = out[0] if isinstance(out, tuple) else out
-        loss = loss_fn(pred, targets[idx])
+        loss = loss_fn(pred, targets)
         opt.zero_grad()
         loss.backward()
         opt.step()

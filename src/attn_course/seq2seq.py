@@ -1,0 +1,156 @@
+"""Chapter 2, self-attention vs cross-attention: one function, different inputs.
+
+Self-attention takes queries, keys and values from the same sequence; cross-attention
+takes queries from one sequence (a decoder) and keys and values from another (the
+encoder's output). The module also holds the masks that make batches and decoders
+work, and the GRU encoder-decoder of Bahdanau et al. (2014) with and without
+attention.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from . import _checks
+from .basics import AdditiveAttention
+from .basics import causal_mask as _causal
+from .multihead import MultiHeadAttention
+
+__all__ = ["SelfAttention", "CrossAttention", "padding_mask", "causal_mask", "Seq2Seq"]
+
+
+def padding_mask(lengths: torch.Tensor, max_length: int | None = None) -> torch.Tensor:
+    """``(B, L)`` bool, ``True`` at the real tokens of sequences of the given lengths
+    (padded at the end to ``max_length``, default the longest)."""
+    if not isinstance(lengths, torch.Tensor) or lengths.dtype not in (torch.int32, torch.int64) or lengths.ndim != 1:
+        raise TypeError(f"lengths must be a 1-D integer tensor, got {getattr(lengths, 'dtype', type(lengths))} "
+                        f"of shape {tuple(getattr(lengths, 'shape', ()))}")
+    if lengths.numel() and lengths.min() < 0:
+        raise ValueError(f"lengths must be >= 0, got {lengths.tolist()}")
+    longest = int(lengths.max()) if lengths.numel() else 0
+    L = longest if max_length is None else _checks.positive_number("max_length", max_length, integer=True)
+    if longest > L:
+        raise ValueError(f"max_length={L} is shorter than the longest sequence ({longest})")
+    return torch.arange(L, device=lengths.device)[None, :] < lengths[:, None]
+
+
+def causal_mask(length: int, device=None) -> torch.Tensor:
+    """``(L, L)`` bool, ``True`` where ``j <= i``: a decoder position sees only the past."""
+    return _causal(_checks.positive_number("length", length, integer=True),
+                   _checks.positive_number("length", length, integer=True), device=device)
+
+
+class SelfAttention(nn.Module):
+    """Attention of a sequence over itself: queries, keys and values all from ``x``.
+
+    ``forward(x (B, L, E), key_padding=None, *, is_causal=False) -> (output (B, L, E),
+    weights (B, H, L, L))``; ``key_padding (B, L)`` is ``True`` at real tokens.
+    """
+
+    def __init__(self, embed_dim: int, num_heads: int = 1, *, dropout: float = 0.0):
+        super().__init__()
+        self.attention = MultiHeadAttention(embed_dim, num_heads, dropout=dropout)
+
+    def forward(self, x, key_padding: torch.Tensor | None = None, *, is_causal: bool = False):
+        mask = None if key_padding is None else _key_mask("key_padding", key_padding, x)
+        return self.attention(x, x, x, mask, is_causal=is_causal)
+
+
+class CrossAttention(nn.Module):
+    """Attention of one sequence over another: queries from ``x``, keys and values from ``context``.
+
+    ``forward(x (B, L_x, E), context (B, L_c, context_dim), context_padding=None) ->
+    (output (B, L_x, E), weights (B, H, L_x, L_c))``; ``context_padding (B, L_c)`` is
+    ``True`` at the context's real tokens.
+    """
+
+    def __init__(self, embed_dim: int, context_dim: int, num_heads: int = 1, *, dropout: float = 0.0):
+        super().__init__()
+        self.attention = MultiHeadAttention(embed_dim, num_heads, kdim=context_dim, vdim=context_dim,
+                                            dropout=dropout)
+
+    def forward(self, x, context, context_padding: torch.Tensor | None = None):
+        mask = None if context_padding is None else _key_mask("context_padding", context_padding, context)
+        return self.attention(x, context, context, mask)
+
+
+def _key_mask(name, padding, keys) -> torch.Tensor:
+    if not isinstance(padding, torch.Tensor) or padding.dtype != torch.bool:
+        raise TypeError(f"{name} must be a bool tensor (B, L), True at real tokens; got "
+                        f"{getattr(padding, 'dtype', type(padding).__name__)}")
+    _checks.float_tensor("keys", keys, ndim=3)
+    if padding.shape != keys.shape[:2]:
+        raise ValueError(f"{name} must have shape (B, L) = {tuple(keys.shape[:2])}, got {tuple(padding.shape)}")
+    return padding[:, None, None, :]
+
+
+class Seq2Seq(nn.Module):
+    """A GRU encoder-decoder, with or without additive cross-attention (Bahdanau et al., 2014).
+
+    The encoder is a bidirectional GRU. Without attention the decoder sees the source
+    only through the encoder's final state, one vector of ``hidden_dim`` numbers
+    whatever the length. With attention, each decoder state also queries every encoder
+    state (additive scores) and the readout sees the resulting context vector.
+
+    ``forward(source (B, S), decoder_input (B, T)) -> (logits (B, T, vocab_size), weights
+    (B, T, S) or None)`` (teacher forcing, all steps at once); ``greedy(source, steps)``
+    decodes one token at a time from its own predictions.
+    """
+
+    def __init__(self, vocab_size: int, embed_dim: int = 32, hidden_dim: int = 64, *, attention: bool = True):
+        super().__init__()
+        vocab_size = _checks.positive_number("vocab_size", vocab_size, integer=True)
+        hidden_dim = _checks.positive_number("hidden_dim", hidden_dim, integer=True)
+        if hidden_dim % 2:
+            raise ValueError(f"hidden_dim must be even (two encoder directions), got {hidden_dim}")
+        self.vocab_size, self.start = vocab_size, vocab_size
+        self.embed = nn.Embedding(vocab_size + 1, embed_dim)               # + the start token
+        self.encoder = nn.GRU(embed_dim, hidden_dim // 2, batch_first=True, bidirectional=True)
+        self.decoder = nn.GRU(embed_dim, hidden_dim, batch_first=True)
+        self.attention = AdditiveAttention(hidden_dim, hidden_dim, hidden_dim) if attention else None
+        self.readout = nn.Linear(2 * hidden_dim if attention else hidden_dim, vocab_size)
+
+    def encode(self, source):
+        states, last = self.encoder(self.embed(source))                    # (B, S, H), (2, B, H/2)
+        return states, torch.cat([last[0], last[1]], dim=-1)[None]          # summary: (1, B, H)
+
+    def _read(self, dec_states, enc_states):
+        if self.attention is None:
+            return self.readout(dec_states), None
+        context, weights = self.attention(dec_states, enc_states, enc_states)  # cross-attention
+        return self.readout(torch.cat([dec_states, context], dim=-1)), weights
+
+    def forward(self, source, decoder_input):
+        _check_ids("source", source, self.vocab_size)
+        _check_ids("decoder_input", decoder_input, self.vocab_size + 1)
+        enc_states, summary = self.encode(source)
+        dec_states, _ = self.decoder(self.embed(decoder_input), summary)
+        return self._read(dec_states, enc_states)
+
+    @torch.no_grad()
+    def greedy(self, source, steps: int | None = None):
+        """Decode ``steps`` tokens (default: the source length), feeding back each prediction.
+
+        Returns tokens ``(B, steps)`` and the attention weights ``(B, steps, S)`` (or ``None``).
+        """
+        _check_ids("source", source, self.vocab_size)
+        steps = source.shape[1] if steps is None else _checks.positive_number("steps", steps, integer=True)
+        enc_states, state = self.encode(source)
+        token = torch.full((source.shape[0], 1), self.start, dtype=torch.long, device=source.device)
+        tokens, weights = [], []
+        for _ in range(steps):
+            dec, state = self.decoder(self.embed(token), state)
+            logits, w = self._read(dec, enc_states)
+            token = logits.argmax(-1)
+            tokens.append(token)
+            if w is not None:
+                weights.append(w)
+        return torch.cat(tokens, 1), (torch.cat(weights, 1) if weights else None)
+
+
+def _check_ids(name, ids, limit):
+    if not isinstance(ids, torch.Tensor) or ids.dtype != torch.long or ids.ndim != 2:
+        raise TypeError(f"{name} must be an int64 tensor (B, L), got {getattr(ids, 'dtype', type(ids))}")
+    if ids.numel() and (ids.min() < 0 or ids.max() >= limit):
+        raise ValueError(f"{name} holds ids outside [0, {limit}): min {int(ids.min())}, max {int(ids.max())}")
