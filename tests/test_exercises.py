@@ -105,6 +105,8 @@ def test_nan_and_wrong_shapes_are_reported(name, capsys):
         out = ref(*args, **kwargs)
         if isinstance(out, int):
             return [out]
+        if isinstance(out, torch.Tensor) and out.ndim == 0:
+            return out.repeat(2)
         return tuple(o[..., :-1] if o.shape[-1] > 1 else o[..., :0] for o in out) if isinstance(out, tuple) \
             else torch.cat([out, out], dim=-1)
 

@@ -6,7 +6,8 @@ import torch
 
 from . import _checks
 
-__all__ = ["marker_task", "noisy_sine", "two_relation_task", "reverse_task"]
+__all__ = ["marker_task", "noisy_sine", "two_relation_task", "reverse_task", "marked_item_task",
+           "copy_after_marker_task"]
 
 
 def marker_task(num_examples: int, length: int, *, moving: bool = True,
@@ -103,3 +104,47 @@ def reverse_task(num_examples: int, length: int, vocab_size: int = 10, *,
     target = source.flip(1)
     decoder_input = torch.cat([torch.full((n, 1), V), target[:, :-1]], dim=1)
     return source, decoder_input, target
+
+
+def marked_item_task(num_examples: int, length: int = 20, vocab_size: int = 8, *,
+                     generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """"Find the marked item" (chapter 3): ``length`` items, each a one-hot symbol plus a
+    marker flag that is 1 for exactly one item; the target is the marked item's symbol.
+
+    Returns ``x (num_examples, length, vocab_size + 1)`` and ``y (num_examples,)``.
+    """
+    n = _checks.positive_number("num_examples", num_examples, integer=True)
+    L = _checks.positive_number("length", length, integer=True)
+    V = _checks.positive_number("vocab_size", vocab_size, integer=True)
+    symbols = torch.randint(0, V, (n, L), generator=generator)
+    marked = torch.randint(0, L, (n,), generator=generator)
+    flag = torch.nn.functional.one_hot(marked, L).float()[..., None]
+    x = torch.cat([torch.nn.functional.one_hot(symbols, V).float(), flag], dim=-1)
+    return x, symbols[torch.arange(n), marked]
+
+
+def copy_after_marker_task(num_examples: int, length: int = 36, window: int = 4, vocab_size: int = 8, *,
+                           generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Copy the symbol that follows a marker, wherever the marker is (chapter 3).
+
+    Each position has a one-hot symbol, a marker flag and a "follows the marker" flag;
+    one marker per sequence, at a random position. Every position within ``window`` of
+    the symbol after the marker must output that symbol; other positions have target
+    ``-100`` (ignored). A local layer with this window sees the symbol it needs; what
+    differs between models is whether they can *find* it.
+
+    Returns ``x (num_examples, length, vocab_size + 2)`` and targets ``(num_examples, length)``.
+    """
+    n = _checks.positive_number("num_examples", num_examples, integer=True)
+    L = _checks.positive_number("length", length, integer=True)
+    V = _checks.positive_number("vocab_size", vocab_size, integer=True)
+    if L < 2:
+        raise ValueError(f"length must be at least 2, got {L}")
+    one_hot = torch.nn.functional.one_hot
+    symbols = torch.randint(0, V, (n, L), generator=generator)
+    marker = torch.randint(0, L - 1, (n,), generator=generator)
+    x = torch.cat([one_hot(symbols, V).float(), one_hot(marker, L).float()[..., None],
+                   one_hot(marker + 1, L).float()[..., None]], dim=-1)
+    value = symbols[torch.arange(n), marker + 1]
+    near = (torch.arange(L)[None, :] - marker[:, None] - 1).abs() <= window
+    return x, torch.where(near, value[:, None], torch.full((n, L), -100))

@@ -1,0 +1,173 @@
+"""attn_course.variants against closed forms and independent references."""
+
+import math
+
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+
+from attn_course import basics
+from attn_course.data import copy_after_marker_task, marked_item_task
+from attn_course.train import fit_stream, sequence_cross_entropy
+from attn_course.variants import (
+    ConvTagger,
+    LocalAttentionTagger,
+    LuongAttention,
+    MarkerSelector,
+    conv_receptive_field,
+    gumbel_softmax,
+    local_window_weights,
+    receptive_field,
+    sample_hard,
+)
+
+
+def test_gumbel_straight_through_is_one_hot_forward_and_soft_backward():
+    logits = torch.randn(4, 6, dtype=torch.float64)
+    c = torch.randn(6, dtype=torch.float64)
+    a = logits.clone().requires_grad_()
+    hard = gumbel_softmax(a, 0.7, hard=True, generator=torch.Generator().manual_seed(1))
+    assert torch.all((hard == 0) | (hard == 1)) and torch.all(hard.sum(-1) == 1)
+    (hard @ c).sum().backward()
+    b = logits.clone().requires_grad_()
+    soft = gumbel_softmax(b, 0.7, generator=torch.Generator().manual_seed(1))     # the same noise
+    (soft @ c).sum().backward()
+    torch.testing.assert_close(a.grad, b.grad)
+    assert torch.equal(hard.detach().argmax(-1), soft.detach().argmax(-1))
+
+
+def test_gumbel_samples_follow_the_softmax():
+    logits = torch.tensor([1.0, 0.0, -1.0])
+    g = torch.Generator().manual_seed(0)
+    counts = torch.stack([gumbel_softmax(logits, hard=True, generator=g).detach() for _ in range(4000)]).mean(0)
+    torch.testing.assert_close(counts, torch.softmax(logits, 0), atol=0.03, rtol=0)
+
+
+def test_sample_hard_returns_log_probabilities_of_the_sampled_positions():
+    scores = torch.randn(5, 7)
+    idx, log_p = sample_hard(scores, torch.Generator().manual_seed(0))
+    torch.testing.assert_close(log_p, torch.log_softmax(scores, -1).gather(-1, idx[:, None]).squeeze(-1))
+
+
+@given(st.integers(0, 2**31 - 1), st.integers(0, 4))
+def test_local_p_weights_are_the_gaussian_scaled_window_softmax(seed, window):
+    g = torch.Generator().manual_seed(seed)
+    scores = torch.randn(2, 3, 9, generator=g, dtype=torch.float64)
+    centres = 8 * torch.rand(2, 3, generator=g, dtype=torch.float64)
+    w = local_window_weights(scores, centres, window, gaussian=True)
+    sigma = max(window, 1) / 2
+    for b in range(2):
+        for t in range(3):
+            p = centres[b, t].item()
+            keep = [s for s in range(9) if abs(s - round(p)) <= window]
+            soft = torch.softmax(scores[b, t, keep], 0)
+            ref = torch.zeros(9, dtype=torch.float64)
+            for i, s in enumerate(keep):
+                ref[s] = soft[i] * math.exp(-((s - p) ** 2) / (2 * sigma**2))
+            torch.testing.assert_close(w[b, t], ref)
+
+
+def test_local_m_equals_global_attention_restricted_to_the_window():
+    torch.manual_seed(0)
+    layer = LuongAttention(4, 5, "local-m", window=2).double()
+    q, k, v = torch.randn(2, 6, 4).double(), torch.randn(2, 6, 5).double(), torch.randn(2, 6, 3).double()
+    out, w, centres = layer(q, k, v)
+    torch.testing.assert_close(centres[0], torch.arange(6, dtype=torch.float64))
+    band = (torch.arange(6)[:, None] - torch.arange(6)[None, :]).abs() <= 2
+    ref, ref_w = basics.scaled_dot_product_attention(q, layer.W(k), v, band, scale=1.0)
+    torch.testing.assert_close(w, ref_w)
+    torch.testing.assert_close(out, ref)
+    g = LuongAttention(4, 5, "global").double()
+    g.load_state_dict(layer.state_dict())
+    torch.testing.assert_close(g(q, k, v)[1], torch.softmax(q @ layer.W(k).transpose(-2, -1), -1))
+    _, wp, cp = LuongAttention(4, 5, "local-p", window=2)(q.float(), k.float(), v.float())
+    assert torch.all((cp >= 0) & (cp <= 5)) and wp.shape == (2, 6, 6)
+
+
+@pytest.mark.parametrize("layers, k, d", [(1, 3, 1), (3, 3, 1), (2, 5, 1), (4, 3, 2)])
+def test_receptive_field_of_conv_stacks_is_the_closed_form(layers, k, d):
+    convs = torch.nn.Sequential(*[torch.nn.Conv1d(2, 2, k, padding=(k // 2) * d, dilation=d) for _ in range(layers)]).double()
+    rf = receptive_field(lambda x: convs(x.transpose(1, 2)).transpose(1, 2), 64, 2, 32).nonzero().flatten()
+    span = int(rf.max() - rf.min()) + 1
+    assert span == conv_receptive_field(layers, k, d)          # the closed form is the span
+    assert int(rf.min() + rf.max()) == 64                       # centred on position 32
+    if d == 1:
+        assert len(rf) == span                                  # without dilation: no holes
+
+
+def test_receptive_field_of_local_attention_grows_by_the_window_per_layer():
+    torch.manual_seed(0)
+    layers = [LocalAttentionTagger(4, 4, window=2).double() for _ in range(3)]
+
+    def stack(n):
+        def f(x):
+            for layer in layers[:n]:
+                x = layer(x)[0]
+            return x
+        return f
+
+    for n in (1, 2, 3):
+        assert int(receptive_field(stack(n), 40, 4, 20).sum()) == 1 + 2 * 2 * n
+
+
+@pytest.mark.parametrize("mode", ["soft", "reinforce", "gumbel"])
+def test_every_selector_learns_the_marked_item(mode):
+    torch.manual_seed(0)
+    g = torch.Generator().manual_seed(0)
+    model = MarkerSelector(9, 8, mode)
+    opt = torch.optim.Adam(model.parameters(), 0.02)
+    for _ in range(300):
+        x, y = marked_item_task(64, 10, generator=g)
+        loss, _ = model.loss(x, y, g)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    x, y = marked_item_task(500, 10, generator=g)
+    assert (model(x)[0].argmax(-1) == y).float().mean() > 0.95
+
+
+def test_local_attention_solves_copy_after_marker():
+    torch.manual_seed(0)
+    g = torch.Generator().manual_seed(0)
+    model = LocalAttentionTagger(10, 8, window=4)
+
+    def batch(step):
+        return copy_after_marker_task(64, 36, 4, generator=g)
+
+    fit_stream(model, batch, loss_fn=sequence_cross_entropy, steps=400, lr=1e-2)
+    x, y = copy_after_marker_task(300, 36, 4, generator=g)
+    keep = y != -100
+    assert (model(x)[0].argmax(-1)[keep] == y[keep]).float().mean() > 0.97
+
+
+def test_task_generators():
+    x, y = marked_item_task(5, 6, 4, generator=torch.Generator().manual_seed(0))
+    assert x.shape == (5, 6, 5) and torch.equal(x[..., 4].sum(1), torch.ones(5))
+    assert torch.equal(y, x[..., :4][x[..., 4] == 1].argmax(-1))
+    x, y = copy_after_marker_task(3, 20, 2, 5, generator=torch.Generator().manual_seed(0))
+    for b in range(3):
+        m = int(x[b, :, 5].argmax())
+        assert int(x[b, :, 6].argmax()) == m + 1
+        assert set(y[b][y[b] != -100].tolist()) == {int(x[b, m + 1, :5].argmax())}
+        assert int((y[b] != -100).sum()) == len([t for t in range(20) if abs(t - m - 1) <= 2])
+
+
+def test_conv_tagger_shapes():
+    logits, none = ConvTagger(10, 8, 4, depth=2)(torch.randn(2, 36, 10))
+    assert logits.shape == (2, 36, 8) and none is None
+
+
+@pytest.mark.parametrize("call, exc, word", [
+    (lambda: gumbel_softmax(torch.zeros(3), tau=0), ValueError, "tau"),
+    (lambda: local_window_weights(torch.zeros(2, 3), torch.zeros(3), 1), ValueError, "centres"),
+    (lambda: local_window_weights(torch.zeros(2, 3), torch.zeros(2), -1), ValueError, "window"),
+    (lambda: LuongAttention(2, 2, "nearby"), ValueError, "mode"),
+    (lambda: MarkerSelector(3, 2, "argmax"), ValueError, "mode"),
+    (lambda: ConvTagger(3, 2, 3, depth=4), ValueError, "depth"),
+    (lambda: receptive_field(lambda x: x, 5, 1, 7), ValueError, "position"),
+    (lambda: conv_receptive_field(0, 3), ValueError, "num_layers"),
+])
+def test_bad_input_names_the_argument(call, exc, word):
+    with pytest.raises(exc, match=word):
+        call()
