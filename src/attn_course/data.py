@@ -7,7 +7,7 @@ import torch
 from . import _checks
 
 __all__ = ["marker_task", "noisy_sine", "two_relation_task", "reverse_task", "marked_item_task",
-           "copy_after_marker_task"]
+           "copy_after_marker_task", "sort_task"]
 
 
 def marker_task(num_examples: int, length: int, *, moving: bool = True,
@@ -148,3 +148,21 @@ def copy_after_marker_task(num_examples: int, length: int = 36, window: int = 4,
     value = symbols[torch.arange(n), marker + 1]
     near = (torch.arange(L)[None, :] - marker[:, None] - 1).abs() <= window
     return x, torch.where(near, value[:, None], torch.full((n, L), -100))
+
+
+def sort_task(num_examples: int, length: int = 8, vocab_size: int = 10, *,
+              generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sorting as language modelling (chapter 7): ``digits, SEP, sorted digits``.
+
+    Token ids ``(num_examples, 2 * length + 1)`` with ``SEP = vocab_size``; targets of the
+    same shape hold the next token at the positions that predict the sorted part
+    (from ``SEP`` on) and ``-100`` elsewhere.
+    """
+    n = _checks.positive_number("num_examples", num_examples, integer=True)
+    L = _checks.positive_number("length", length, integer=True)
+    V = _checks.positive_number("vocab_size", vocab_size, integer=True)
+    digits = torch.randint(0, V, (n, L), generator=generator)
+    ids = torch.cat([digits, torch.full((n, 1), V), digits.sort(dim=1).values], dim=1)
+    targets = torch.full_like(ids, -100)
+    targets[:, L:-1] = ids[:, L + 1:]
+    return ids, targets

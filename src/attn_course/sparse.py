@@ -114,29 +114,36 @@ def _banded(query, key, value, left: int, right: int, extra: tuple | None = None
     key_pos = torch.arange(nb, device=dev)[:, None] * b + torch.arange(span, device=dev)[None, :] - left
     mask = band[None] & ((key_pos >= 0) & (key_pos < L))[:, None, :]                  # (nb, b, span)
     if extra is not None:
-        k_extra, v_extra, allowed = extra
-        G = k_extra.shape[2]
-        allowed = F.pad(allowed, (0, 0, 0, Lp - L)).view(nb, b, G)
+        allowed = extra[2]
+        allowed = F.pad(allowed, (0, 0, 0, Lp - L)).view(nb, b, allowed.shape[1])
         mask = torch.cat([mask, allowed], dim=-1)                                    # (nb, b, span + G)
     per_call = max(1, _QUERIES_PER_CALL // b)
-    out = query.new_empty(B, H, L, value.shape[-1])
-    for bi in range(B):
-        for h in range(H):
-            kp = F.pad(key[bi, h], (0, 0, left, right + Lp - L))
-            vp = F.pad(value[bi, h], (0, 0, left, right + Lp - L))
-            qb = F.pad(query[bi, h], (0, 0, 0, Lp - L)).view(nb, b, d)
-            kw = kp.unfold(0, span, b).transpose(-1, -2)                              # (nb, span, d)
-            vw = vp.unfold(0, span, b).transpose(-1, -2)
-            o = out[bi, h]
-            for s in range(0, nb, per_call):
-                e = min(nb, s + per_call)
-                ks, vs = kw[s:e], vw[s:e]
-                if extra is not None:
-                    ks = torch.cat([ks, k_extra[bi, h].expand(e - s, -1, -1)], dim=1)
-                    vs = torch.cat([vs, v_extra[bi, h].expand(e - s, -1, -1)], dim=1)
-                r = F.scaled_dot_product_attention(qb[s:e], ks, vs, attn_mask=mask[s:e])
-                stop = min(e * b, L)
-                o[s * b:stop] = r.reshape(-1, r.shape[-1])[: stop - s * b]
+    d_v = value.shape[-1]
+    # (batch x head) rows are processed in groups of about _QUERIES_PER_CALL queries: one
+    # row at a time for long sequences, many rows per call for short ones
+    rows = max(1, _QUERIES_PER_CALL // Lp)
+    q_all, k_all, v_all = (t.reshape(B * H, L, t.shape[-1]) for t in (query, key, value))
+    out = query.new_empty(B * H, L, d_v)
+    for r0 in range(0, B * H, rows):
+        r1 = min(B * H, r0 + rows)
+        kp = F.pad(k_all[r0:r1], (0, 0, left, right + Lp - L))
+        vp = F.pad(v_all[r0:r1], (0, 0, left, right + Lp - L))
+        qb = F.pad(q_all[r0:r1], (0, 0, 0, Lp - L)).view(r1 - r0, nb, b, d)
+        kw = kp.unfold(1, span, b).transpose(-1, -2)                                  # (R, nb, span, d)
+        vw = vp.unfold(1, span, b).transpose(-1, -2)
+        for s in range(0, nb, per_call):
+            e = min(nb, s + per_call)
+            ks, vs = kw[:, s:e], vw[:, s:e]
+            if extra is not None:
+                k_extra, v_extra, _ = extra
+                G = k_extra.shape[2]
+                ke = k_extra.reshape(B * H, G, d)[r0:r1, None].expand(-1, e - s, -1, -1)
+                ve = v_extra.reshape(B * H, G, d_v)[r0:r1, None].expand(-1, e - s, -1, -1)
+                ks, vs = torch.cat([ks, ke], dim=2), torch.cat([vs, ve], dim=2)
+            r = F.scaled_dot_product_attention(qb[:, s:e], ks, vs, attn_mask=mask[s:e])  # (R, e-s, b, d_v)
+            stop = min(e * b, L)
+            out[r0:r1, s * b:stop] = r.reshape(r1 - r0, -1, d_v)[:, : stop - s * b]
+    return out.view(B, H, L, d_v)
     return out
 
 
