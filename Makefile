@@ -16,8 +16,10 @@ PORT   ?= 8000
 CHROMIUM ?= /usr/bin/chromium
 
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
-# Notebooks run for the book / nbval store interactive figures in their static form.
+# Notebooks run for the book / nbval store interactive figures in their static form, and
+# nbval runs every notebook in a fresh kernel with the network refused (tests/offline).
 NB_ENV := ATTN_COURSE_STATIC=1 MPLBACKEND=module://matplotlib_inline.backend_inline
+NO_NET := PYTHONPATH=$(CURDIR)/tests/offline
 
 .PHONY: help setup book test unit nbval lint build-strict browser site notebooks stamp bench bench-reference serve clean
 
@@ -53,11 +55,13 @@ book: setup
 lint: setup
 	$(BIN)/ruff check src tests chapters book/_ext
 
+# Unit, property and checker tests, with line coverage of the package (at least 95%).
 unit: setup
-	$(BIN)/pytest tests --ignore=tests/browser
+	$(BIN)/pytest tests --ignore=tests/browser --cov=attn_course --cov-report=term:skip-covered \
+	    --cov-fail-under=95
 
 nbval: setup
-	$(NB_ENV) $(BIN)/pytest -p no:cacheprovider --nbval --nbval-current-env \
+	$(NB_ENV) $(NO_NET) $(BIN)/pytest -p no:cacheprovider --nbval --nbval-current-env \
 	    --nbval-sanitize-with tests/nbval_sanitize.cfg chapters
 
 build-strict: setup

@@ -53,3 +53,24 @@ def test_two_install_cells_are_refused(tmp_path):
     nbformat.write(nb, path)
     with pytest.raises(ValueError, match="more than one"):
         authoring.stamp(path, "https://github.com/a/b")
+
+
+def test_command_line_stamps_and_executes_a_notebook(tmp_path, capsys, monkeypatch):
+    path = _nb(tmp_path)
+    nb = nbformat.read(path, as_version=4)
+    nb.cells[1].source = "from attn_course.widgets import is_static\nprint(is_static())"
+    nbformat.write(nb, path)
+    monkeypatch.delenv("ATTN_COURSE_STATIC", raising=False)
+    assert authoring.main(["stamp", str(path)]) == 0
+    assert "stamped" in capsys.readouterr().out
+    assert authoring.main(["execute", str(path)]) == 0
+    assert "done in" in capsys.readouterr().out
+    nb = nbformat.read(path, as_version=4)
+    code = [c for c in nb.cells if c.cell_type == "code"]
+    assert code[0].metadata.tags == ["colab-install", "remove-cell"] and code[0].execution_count == 1
+    assert code[1].outputs[0]["text"] == "True\n"   # executed for the book: static mode
+    assert "execution" not in code[1].metadata      # no timestamps stored
+
+
+def test_default_notebooks_are_the_toc_chapters():
+    assert authoring.chapter_notebooks() == sorted(authoring.ROOT.glob("chapters/*.ipynb"))

@@ -58,3 +58,13 @@ def test_noisy_sine_is_sorted_noisy_target():
 def test_data_rejects_non_positive_sizes(fn, kwargs, arg):
     with pytest.raises(ValueError, match=arg):
         fn(**kwargs)
+
+
+def test_sort_task_layout():
+    from attn_course.data import sort_task
+
+    ids, targets = sort_task(3, 5, 7, generator=torch.Generator().manual_seed(0))
+    assert ids.shape == targets.shape == (3, 11) and torch.all(ids[:, 5] == 7)
+    assert torch.equal(ids[:, 6:], ids[:, :5].sort(1).values)
+    assert torch.all(targets[:, :5] == -100) and torch.all(targets[:, -1] == -100)
+    assert torch.equal(targets[:, 5:10], ids[:, 6:])

@@ -118,6 +118,12 @@ def test_nan_and_wrong_shapes_are_reported(name, capsys):
     assert "has shape" in out or "should be a number" in out, out
 
 
+@pytest.mark.parametrize("name", NAMES)
+def test_code_that_never_returns_is_stopped_for_every_exercise(name, capsys):
+    assert check(name, _loops_forever, timeout=0.2) is False
+    assert "did not finish within 0.2 s" in capsys.readouterr().out
+
+
 def test_an_endless_loop_is_stopped_by_the_time_limit(capsys):
     start = time.perf_counter()
     assert check("ch01.masked_softmax", _loops_forever, timeout=0.5) is False

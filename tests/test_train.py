@@ -58,3 +58,23 @@ def test_stored_reference_results_are_complete():
     assert {"dense SDPA", "SDPA + band mask", "sliding_window", "bigbird (block 64)", "performer (256 features)"} <= methods
     assert {r["L"] for r in ref["results"]} == set(bench.LENGTHS)
     assert ref["matmul_peak_gflops"] > 0 and "torch" in ref["machine"]
+
+
+def test_bench_command_line_writes_its_reports(tmp_path, capsys):
+    from attn_course import bench
+
+    assert bench.main(["--one", "sliding_window", "512"]) == 0
+    assert '"method": "sliding_window"' in capsys.readouterr().out
+    out = tmp_path / "bench"
+    assert bench.main(["--quick", "--out", str(out), "--lengths", "512", "1024",
+                       "--methods", "dense SDPA", "SDPA + band mask", "sliding_window"]) == 0
+    printed = capsys.readouterr().out
+    assert "Chapter 1" in printed and "Chapter 6" in printed and "machine:" in printed
+    data = __import__("json").loads((out / "sparse.json").read_text())
+    assert {r["method"] for r in data["results"]} == {"dense SDPA", "SDPA + band mask", "sliding_window"}
+    assert "| sliding_window | 1024 |" in (out / "sparse.md").read_text()
+    assert (out / "sparse.png").stat().st_size > 1000
+    import pytest
+
+    with pytest.raises(ValueError, match="unknown methods"):
+        bench.run_sparse([512], out, methods=["nope"])

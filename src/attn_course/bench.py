@@ -318,9 +318,13 @@ def plot(results: list[dict], path: Path | None = None, ax=None):
     return ax
 
 
-def run_sparse(lengths, out_dir: Path, timeout: int = 600) -> list[dict]:
+def run_sparse(lengths, out_dir: Path, timeout: int = 600, methods=None) -> list[dict]:
+    available = list(_methods())
+    unknown = set(methods or []) - set(available)
+    if unknown:
+        raise ValueError(f"unknown methods {sorted(unknown)}; available: {available}")
     results = []
-    for name in _methods():
+    for name in methods or available:
         for L in lengths:
             cmd = [sys.executable, "-m", "attn_course.bench", "--one", name, str(L)]
             try:
@@ -345,6 +349,8 @@ def main(argv=None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="lengths up to 4k, shorter runs")
     parser.add_argument("--out", type=Path, default=Path("_build/bench"), help="where results are written")
+    parser.add_argument("--lengths", type=int, nargs="+", help="sequence lengths (default 1k..16k)")
+    parser.add_argument("--methods", nargs="+", help="only these methods (default: all available)")
     parser.add_argument("--one", nargs=2, metavar=("METHOD", "L"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.one:
@@ -360,9 +366,9 @@ def main(argv=None) -> int:
     for L, ours, fused, ratio, mb in sdpa((128, 512) if args.quick else (128, 256, 512, 1024, 2048),
                                           min_run_time=0.1 if args.quick else 0.3):
         print(f"{L:>6} {ours:>10.3f} {fused:>10.3f} {ratio:>10.2f}x {mb:>12.1f}")
-    lengths = LENGTHS[:3] if args.quick else LENGTHS
+    lengths = args.lengths or (LENGTHS[:3] if args.quick else LENGTHS)
     print(f"\nChapter 6: sparse attention, B={B}, H={H}, d={D}, window +-{WINDOW}, each in a fresh process")
-    results = run_sparse(lengths, args.out)
+    results = run_sparse(lengths, args.out, methods=args.methods)
     table = sparse_table(results, peak)
     print("\n" + table)
     (args.out / "sparse.json").write_text(json.dumps({"machine": info, "matmul_peak_gflops": peak,
