@@ -199,6 +199,11 @@ def test_flex_backend_equals_the_blocked_one():
     (lambda q: S.lsh_attention(q, q, q, bucket_size=0), ValueError, "bucket_size"),
     (lambda q: S.lsh_attention(q, q, q, n_hashes=0), ValueError, "n_hashes"),
     (lambda q: S.dilated_window_attention(q, q, q, 2, 0), ValueError, "dilation"),
+    (lambda q: S.block_sparse_attention(q, q, q, torch.ones(4, 4, dtype=torch.bool), 0), ValueError, "block_size"),
+    (lambda q: S.sliding_window_attention(q.numpy(), q, q, 2), TypeError, "query must be a torch.Tensor"),
+    (lambda q: S.bigbird_attention(q, q.long(), q, 4), TypeError, "key must be a floating-point"),
+    (lambda q: S.performer_attention(q, q, q[:, :, :5]), ValueError, "value must be"),
+    (lambda q: S.topk_attention(q, q, q, 2.5), TypeError, "k must be an int"),
 ])
 def test_bad_input_names_the_argument(call, exc, word):
     with pytest.raises(exc, match=word):
