@@ -42,6 +42,16 @@ def test_math_is_rendered_and_images_load(visit, path):
     assert broken == [], f"images that did not load: {broken}"
 
 
+@pytest.mark.parametrize("chapter", CHAPTERS)
+def test_markdown_outputs_render_as_markdown(visit, chapter):
+    """A table printed as Markdown by a notebook must reach the page as a table, not as pipes."""
+    v = visit(f"{chapter}.html")
+    raw = v.page.evaluate(
+        "() => [...document.querySelectorAll('.cell_output p')].map(p => p.innerText)"
+        ".filter(t => /^\\s*\\|.*\\|/.test(t)).map(t => t.slice(0, 60))")
+    assert raw == [], f"unrendered Markdown in outputs: {raw}"
+
+
 class _Links(HTMLParser):
     def __init__(self):
         super().__init__()
