@@ -68,3 +68,20 @@ def test_sort_task_layout():
     assert torch.equal(ids[:, 6:], ids[:, :5].sort(1).values)
     assert torch.all(targets[:, :5] == -100) and torch.all(targets[:, -1] == -100)
     assert torch.equal(targets[:, 5:10], ids[:, 6:])
+
+
+def test_copy_back_task_targets():
+    from attn_course.data import copy_back_task
+
+    ids, targets = copy_back_task(4, 10, 3, 5, generator=torch.Generator().manual_seed(0))
+    assert ids.shape == targets.shape == (4, 10) and ids.max() < 5
+    assert torch.all(targets[:, :3] == -100) and torch.equal(targets[:, 3:], ids[:, :-3])
+
+
+def test_token_ids_check_names_the_argument():
+    from attn_course._checks import token_ids
+
+    with pytest.raises(TypeError, match="ids must be an int64"):
+        token_ids("ids", torch.zeros(2, 3))
+    with pytest.raises(ValueError, match=r"ids holds ids outside \[0, 4\)"):
+        token_ids("ids", torch.tensor([[0, 4]]), 4)

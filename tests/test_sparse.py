@@ -208,3 +208,12 @@ def test_flex_backend_equals_the_blocked_one():
 def test_bad_input_names_the_argument(call, exc, word):
     with pytest.raises(exc, match=word):
         call(torch.zeros(1, 2, 16, 4))
+
+
+def test_strided_layout_closed_form():
+    lay = S.strided_layout(8, band=1, stride=4)
+    assert lay[5].tolist() == [False, False, False, True, True, True, True, True]
+    assert lay[0].tolist() == [True, True, False, True, False, False, False, True]
+    assert torch.equal(S.strided_layout(4, band=0, stride=1), torch.ones(4, 4, dtype=torch.bool))
+    with pytest.raises(ValueError, match="band"):
+        S.strided_layout(4, band=-1)

@@ -78,3 +78,11 @@ def test_bench_command_line_writes_its_reports(tmp_path, capsys):
 
     with pytest.raises(ValueError, match="unknown methods"):
         bench.run_sparse([512], out, methods=["nope"])
+
+
+def test_seconds_times_a_call():
+    import time
+
+    from attn_course.bench import seconds
+
+    assert 0.004 < seconds(lambda: time.sleep(0.005), min_run_time=0.05) < 0.1

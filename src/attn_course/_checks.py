@@ -72,6 +72,16 @@ def positive_number(name: str, value, *, integer: bool = False) -> float | int:
     return float(value)
 
 
+def token_ids(name: str, ids, limit: int | None = None) -> torch.Tensor:
+    """Check a ``(B, L)`` int64 tensor of token ids, all in ``[0, limit)`` when ``limit`` is given."""
+    if not isinstance(ids, torch.Tensor) or ids.dtype != torch.long or ids.ndim != 2:
+        raise TypeError(f"{name} must be an int64 tensor (B, L), got {getattr(ids, 'dtype', type(ids).__name__)} "
+                        f"of shape {tuple(getattr(ids, 'shape', ()))}")
+    if limit is not None and ids.numel() and (ids.min() < 0 or ids.max() >= limit):
+        raise ValueError(f"{name} holds ids outside [0, {limit}): min {int(ids.min())}, max {int(ids.max())}")
+    return ids
+
+
 def bool_mask(name: str, mask, target_shape: tuple[int, ...], device: torch.device) -> torch.Tensor:
     """Check a boolean mask that must broadcast to ``target_shape`` without enlarging it."""
     if not isinstance(mask, torch.Tensor):

@@ -44,6 +44,12 @@ def machine() -> str:
             f"{torch.get_num_threads()} CPU threads")
 
 
+def seconds(fn, min_run_time: float = 0.2) -> float:
+    """Median seconds of ``fn()`` on this machine, with all CPU threads (``torch.utils.benchmark``
+    handles warm-up and CUDA synchronisation). The chapters time their cells with it."""
+    return _time("fn()", {"fn": fn}, min_run_time)
+
+
 def _time(stmt: str, env: dict, min_run_time: float) -> float:
     return benchmark.Timer(stmt=stmt, globals=env, num_threads=torch.get_num_threads()).blocked_autorange(
         min_run_time=min_run_time).median
@@ -71,12 +77,6 @@ def _band_pairs(L: int, w: int) -> int:
     """Number of (i, j) with |i - j| <= w inside [0, L)."""
     w = min(w, L - 1)
     return L * (2 * w + 1) - w * (w + 1)
-
-
-def _strided_layout(nb: int) -> torch.Tensor:
-    """A Sparse-Transformer-style fixed layout: a 5-block band plus every 16th block column."""
-    r = torch.arange(nb)
-    return ((r[:, None] - r[None, :]).abs() <= 2) | (r[None, :] % 16 == 15)
 
 
 def _methods():
@@ -116,8 +116,8 @@ def _methods():
         "bigbird (block 64)": (lambda L, q, k, v: lambda: sparse.bigbird_attention(q, k, v, BLOCK),
                                layout_rows(bigbird), None),
         "block-sparse (strided)": (lambda L, q, k, v: (lambda lay: lambda: sparse.block_sparse_attention(
-                                       q, k, v, lay, BLOCK))(_strided_layout(L // BLOCK)),
-                                   layout_rows(_strided_layout), None),
+                                       q, k, v, lay, BLOCK))(sparse.strided_layout(L // BLOCK)),
+                                   layout_rows(sparse.strided_layout), None),
         "performer (256 features)": (lambda L, q, k, v: lambda: sparse.performer_attention(q, k, v, 256),
                                      dense_rows, lambda L: 8 * B * H * L * 256 * D),
         "lsh (bucket 64, 4 hashes)": (lambda L, q, k, v: lambda: sparse.lsh_attention(q, k, v, 64, 4),
@@ -270,6 +270,10 @@ def _fit_slope(points: list[tuple[int, float]]) -> float | None:
     return sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / sum((x - mx) ** 2 for x in xs)
 
 
+def _speedup(baseline: dict | None, result: dict) -> str:
+    return f"{baseline['seconds'] / result['seconds']:.2f}x" if baseline else "-"
+
+
 def sparse_table(results: list[dict], peak: float) -> str:
     """The markdown table of chapter 6's benchmark."""
     by = {(r["method"], r["L"]): r for r in results}
@@ -284,14 +288,13 @@ def sparse_table(results: list[dict], peak: float) -> str:
             r = by.get((method, L))
             if r is None:
                 continue
-            dense, masked = by.get(("dense SDPA", L)), by.get(("SDPA + band mask", L))
-            gflops = f"{r['flops'] / r['seconds'] / 1e9:.1f} ({100 * r['flops'] / r['seconds'] / 1e9 / peak:.0f}%)" \
-                if r.get("flops") else "-"
-            lines.append(
-                f"| {method} | {L} | {1e3 * r['seconds']:.1f} | {r['peak_mib']:.0f} | "
-                f"{dense['seconds'] / r['seconds']:.2f}x | " if dense else f"| {method} | {L} | {1e3 * r['seconds']:.1f} | {r['peak_mib']:.0f} | - | ")
-            lines[-1] += (f"{masked['seconds'] / r['seconds']:.2f}x | " if masked else "- | ")
-            lines[-1] += f"{r['max_error']:.1e} | {gflops} | " + (f"{slope:.2f} |" if (slope is not None and L == lengths[-1]) else " |")
+
+            rate = r["flops"] / r["seconds"] / 1e9 if r.get("flops") else None
+            cells = [method, str(L), f"{1e3 * r['seconds']:.1f}", f"{r['peak_mib']:.0f}", _speedup(by.get(("dense SDPA", L)), r),
+                     _speedup(by.get(("SDPA + band mask", L)), r), f"{r['max_error']:.1e}",
+                     f"{rate:.1f} ({100 * rate / peak:.0f}%)" if rate else "-",
+                     f"{slope:.2f}" if slope is not None and L == lengths[-1] else ""]
+            lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 

@@ -7,7 +7,7 @@ import torch
 from . import _checks
 
 __all__ = ["marker_task", "noisy_sine", "two_relation_task", "reverse_task", "marked_item_task",
-           "copy_after_marker_task", "sort_task"]
+           "copy_after_marker_task", "sort_task", "copy_back_task"]
 
 
 def marker_task(num_examples: int, length: int, *, moving: bool = True,
@@ -165,4 +165,21 @@ def sort_task(num_examples: int, length: int = 8, vocab_size: int = 10, *,
     ids = torch.cat([digits, torch.full((n, 1), V), digits.sort(dim=1).values], dim=1)
     targets = torch.full_like(ids, -100)
     targets[:, L:-1] = ids[:, L + 1:]
+    return ids, targets
+
+
+def copy_back_task(num_examples: int, length: int, offset: int = 3, vocab_size: int = 8, *,
+                   generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """"Output the token ``offset`` places back" (chapter 5): a task that needs order.
+
+    Returns random token ids ``(num_examples, length)`` and targets of the same shape: the
+    id ``offset`` positions earlier, ``-100`` (ignored) for the first ``offset`` positions.
+    """
+    n = _checks.positive_number("num_examples", num_examples, integer=True)
+    L = _checks.positive_number("length", length, integer=True)
+    K = _checks.positive_number("offset", offset, integer=True)
+    V = _checks.positive_number("vocab_size", vocab_size, integer=True)
+    ids = torch.randint(0, V, (n, L), generator=generator)
+    targets = torch.roll(ids, K, dims=1)
+    targets[:, :K] = -100
     return ids, targets

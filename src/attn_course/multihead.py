@@ -302,9 +302,7 @@ class AttentionClassifier(nn.Module):
         self.readout = nn.Linear(embed_dim, num_classes)
 
     def forward(self, ids: torch.Tensor, head_mask: torch.Tensor | None = None):
-        if not isinstance(ids, torch.Tensor) or ids.dtype != torch.long or ids.ndim != 2:
-            raise TypeError(f"ids must be an int64 tensor (B, L), got {getattr(ids, 'dtype', type(ids))} "
-                            f"of shape {tuple(getattr(ids, 'shape', ()))}")
+        _checks.token_ids("ids", ids, self.tokens.num_embeddings)
         if ids.shape[1] > self.positions.num_embeddings:
             raise ValueError(f"ids has length {ids.shape[1]} but the model knows "
                              f"{self.positions.num_embeddings} positions")

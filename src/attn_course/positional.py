@@ -208,8 +208,6 @@ class PositionalSelfAttention(nn.Module):
         if encoding == "relative":
             self.rel_k = RelativePositionEmbedding(max_distance, self.head_dim)
             self.rel_v = RelativePositionEmbedding(max_distance, self.head_dim)
-        if encoding == "alibi":
-            self.register_buffer("slopes", alibi_slopes(num_heads), persistent=False)
 
     def forward(self, x: torch.Tensor, *, is_causal: bool = True):
         _checks.float_tensor("x", x, ndim=3)
@@ -222,10 +220,8 @@ class PositionalSelfAttention(nn.Module):
             a_k = self.rel_k(L, L)                                      # (L, L, d)
             scores = scores + torch.einsum("bhid,ijd->bhij", q, a_k)
         scores = scores / math.sqrt(self.head_dim)
-        if self.encoding == "alibi":
-            pos = torch.arange(L, device=x.device)
-            distance = (pos[:, None] - pos[None, :]).abs().to(scores.dtype)
-            scores = scores - self.slopes.to(scores.dtype)[:, None, None] * distance
+        if self.encoding == "alibi":  # the symmetric bias; the causal mask below hides the future
+            scores = scores + alibi_bias(self.num_heads, L, is_causal=False).to(x.device, scores.dtype)
         mask = torch.ones(L, L, dtype=torch.bool, device=x.device).tril() if is_causal else None
         weights = masked_softmax(scores, mask)
         heads = weights @ v
@@ -252,8 +248,7 @@ class PositionalModel(nn.Module):
         self.readout = nn.Linear(embed_dim, vocab_size)
 
     def forward(self, ids: torch.Tensor):
-        if not isinstance(ids, torch.Tensor) or ids.dtype != torch.long or ids.ndim != 2:
-            raise TypeError(f"ids must be an int64 tensor (B, L), got {getattr(ids, 'dtype', type(ids))}")
+        _checks.token_ids("ids", ids, self.tokens.num_embeddings)
         x = self.tokens(ids)
         if self.encoding == "sinusoidal":
             x = x + sinusoidal_encoding(ids.shape[1], x.shape[-1]).to(x.device, x.dtype)

@@ -37,8 +37,8 @@ def padding_mask(lengths: torch.Tensor, max_length: int | None = None) -> torch.
 
 def causal_mask(length: int, device=None) -> torch.Tensor:
     """``(L, L)`` bool, ``True`` where ``j <= i``: a decoder position sees only the past."""
-    return _causal(_checks.positive_number("length", length, integer=True),
-                   _checks.positive_number("length", length, integer=True), device=device)
+    length = _checks.positive_number("length", length, integer=True)
+    return _causal(length, length, device=device)
 
 
 class SelfAttention(nn.Module):
@@ -122,8 +122,8 @@ class Seq2Seq(nn.Module):
         return self.readout(torch.cat([dec_states, context], dim=-1)), weights
 
     def forward(self, source, decoder_input):
-        _check_ids("source", source, self.vocab_size)
-        _check_ids("decoder_input", decoder_input, self.vocab_size + 1)
+        _checks.token_ids("source", source, self.vocab_size)
+        _checks.token_ids("decoder_input", decoder_input, self.vocab_size + 1)
         enc_states, summary = self.encode(source)
         dec_states, _ = self.decoder(self.embed(decoder_input), summary)
         return self._read(dec_states, enc_states)
@@ -134,7 +134,7 @@ class Seq2Seq(nn.Module):
 
         Returns tokens ``(B, steps)`` and the attention weights ``(B, steps, S)`` (or ``None``).
         """
-        _check_ids("source", source, self.vocab_size)
+        _checks.token_ids("source", source, self.vocab_size)
         steps = source.shape[1] if steps is None else _checks.positive_number("steps", steps, integer=True)
         enc_states, state = self.encode(source)
         token = torch.full((source.shape[0], 1), self.start, dtype=torch.long, device=source.device)
@@ -148,9 +148,3 @@ class Seq2Seq(nn.Module):
                 weights.append(w)
         return torch.cat(tokens, 1), (torch.cat(weights, 1) if weights else None)
 
-
-def _check_ids(name, ids, limit):
-    if not isinstance(ids, torch.Tensor) or ids.dtype != torch.long or ids.ndim != 2:
-        raise TypeError(f"{name} must be an int64 tensor (B, L), got {getattr(ids, 'dtype', type(ids))}")
-    if ids.numel() and (ids.min() < 0 or ids.max() >= limit):
-        raise ValueError(f"{name} holds ids outside [0, {limit}): min {int(ids.min())}, max {int(ids.max())}")

@@ -31,6 +31,7 @@ __all__ = [
     "block_sparse_mask",
     "block_sparse_attention",
     "bigbird_layout",
+    "strided_layout",
     "bigbird_attention",
     "topk_attention",
     "performer_attention",
@@ -352,6 +353,17 @@ def bigbird_layout(num_blocks: int, *, num_random_blocks: int = 3, num_global_bl
         pick = free[torch.randperm(free.numel(), generator=gen)[:num_random_blocks]]
         layout[row, pick] = True
     return layout
+
+
+def strided_layout(num_blocks: int, *, band: int = 2, stride: int = 16) -> torch.Tensor:
+    """A Sparse-Transformer-style fixed layout (Child et al., 2019): key blocks within ``band``
+    of the query block, plus every ``stride``-th block column (the "summary" columns)."""
+    n = _checks.positive_number("num_blocks", num_blocks, integer=True)
+    stride = _checks.positive_number("stride", stride, integer=True)
+    if isinstance(band, bool) or not isinstance(band, int) or band < 0:
+        raise ValueError(f"band must be an int >= 0, got {band!r}")
+    r = torch.arange(n)
+    return ((r[:, None] - r[None, :]).abs() <= band) | (r[None, :] % stride == stride - 1)
 
 
 def bigbird_attention(query, key, value, block_size: int, *, num_random_blocks: int = 3,

@@ -128,9 +128,7 @@ class TinyTransformer(nn.Module):
 
     def forward(self, ids, *, need_weights: bool = False, caches: list | None = None, embeddings=None):
         if embeddings is None:
-            if not isinstance(ids, torch.Tensor) or ids.dtype != torch.long or ids.ndim != 2:
-                raise TypeError(f"ids must be an int64 tensor (B, L), got {getattr(ids, 'dtype', type(ids))}")
-            x = self.embed(ids)
+            x = self.embed(_checks.token_ids("ids", ids, self.embed.num_embeddings))
         else:
             x = embeddings  # lets attribution methods differentiate with respect to the embeddings
         all_weights = []

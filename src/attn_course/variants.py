@@ -19,6 +19,7 @@ from torch import nn
 
 from . import _checks
 from .basics import masked_softmax
+from .sparse import sliding_window_mask
 
 __all__ = [
     "gumbel_softmax",
@@ -159,7 +160,8 @@ class MarkerSelector(nn.Module):
         return F.one_hot(s.argmax(-1), s.shape[-1]).to(x.dtype)
 
     def forward(self, x):
-        return self.classifier((self.select(x)[..., None] * x).sum(1)), self.select(x)
+        w = self.select(x)
+        return self.classifier((w[..., None] * x).sum(1)), w
 
     def loss(self, x, y, generator=None):
         s = self.scores(x)
@@ -194,9 +196,7 @@ class LocalAttentionTagger(nn.Module):
         self.out = nn.Linear(hidden, num_classes)
 
     def forward(self, x):
-        L = x.shape[1]
-        pos = torch.arange(L, device=x.device)
-        mask = (pos[:, None] - pos[None, :]).abs() <= self.window
+        mask = sliding_window_mask(x.shape[1], self.window).to(x.device)
         scores = self.q(x) @ self.k(x).transpose(-2, -1) / math.sqrt(self.q.out_features)
         weights = masked_softmax(scores, mask)
         return self.out(weights @ self.v(x)), weights
