@@ -97,6 +97,7 @@ bench: setup
 # Store this machine's run as the reference the chapter shows (then `make notebooks`).
 bench-reference: bench
 	cp _build/bench/sparse.json src/attn_course/results/sparse_cpu.json
+	cp _build/bench/flash.json src/attn_course/results/flash_cpu.json
 
 serve:
 	@test -f _build/html/index.html || { echo "No site yet: run 'make book' first."; exit 1; }

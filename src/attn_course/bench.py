@@ -12,6 +12,10 @@ measured in the same run, and nothing here is asserted by the tests.
   achieved GFLOP/s as a share of the best dense rate this machine reaches, and the slope of time
   against ``L``. ``local-attention`` and compiled ``flex_attention`` join as baselines
   when installed. Results go to ``--out`` as JSON, a markdown table and a plot.
+* Chapter 7: :func:`attn_course.flash.flash_attention` (causal, B=1, H=8, d=64) against
+  materialised scores and PyTorch's fused SDPA, each length in a fresh process: time and
+  peak memory, as ratios; and ring attention over 4 local processes (gloo) against one
+  process: time and bytes each process sent.
 """
 
 from __future__ import annotations
@@ -31,7 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils import benchmark
 
-from . import basics, get_device, sparse
+from . import basics, flash, get_device, sparse
 
 B, H, D, WINDOW, BLOCK, GLOBALS = 1, 8, 64, 256, 64, 16
 LENGTHS = (1024, 2048, 4096, 8192, 16384)
@@ -198,6 +202,64 @@ class _PeakMemory:
         self.mib = self.peak - self.base
 
 
+def peak_memory_mib(fn) -> tuple[object, float]:
+    """Run ``fn()`` once; return its result and the peak memory it added, in MiB.
+
+    On a GPU, PyTorch's allocator statistics; on a CPU, the process's resident memory
+    sampled every half millisecond (large tensors are returned to the system when freed,
+    so the peak is that of the call). The chapters measure memory with it.
+    """
+    dev = get_device()
+    if dev.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        out = fn()
+        torch.cuda.synchronize()
+        return out, (torch.cuda.max_memory_allocated() - base) / 2**20
+    with _PeakMemory() as memory:
+        out = fn()
+    return out, memory.mib
+
+
+def peak_tensor_bytes(fn) -> tuple[object, int]:
+    """Run ``fn()``; return its result and the peak bytes of the tensors it created and held at once.
+
+    Every operation's new storage is counted from its creation until it is freed (a weak
+    reference to the storage tells when), so the number is exact and the same on every run,
+    unlike the process's resident memory. Memory that a fused kernel uses inside C++ without
+    making tensors (PyTorch's SDPA tiles) is not seen: measure that with :func:`peak_memory_mib`.
+    """
+    import weakref
+
+    from torch.utils._python_dispatch import TorchDispatchMode
+    from torch.utils._pytree import tree_leaves
+
+    state = {"now": 0, "peak": 0}
+    live: dict[int, int] = {}
+
+    def release(ptr: int) -> None:
+        state["now"] -= live.pop(ptr, 0)
+
+    class Count(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            for t in tree_leaves(out):
+                if isinstance(t, torch.Tensor) and t.device.type != "meta":
+                    storage = t.untyped_storage()
+                    ptr = storage.data_ptr()
+                    if ptr and ptr not in live:
+                        live[ptr] = storage.nbytes()
+                        state["now"] += live[ptr]
+                        state["peak"] = max(state["peak"], state["now"])
+                        weakref.finalize(storage, release, ptr)
+            return out
+
+    with Count():
+        result = fn()
+    return result, state["peak"]
+
+
 def matmul_peak_gflops() -> float:
     """The best float32 rate this device reaches on dense math, in GFLOP/s: square and
     attention-shaped matrix products, and PyTorch's fused attention kernel itself (on some
@@ -321,6 +383,145 @@ def plot(results: list[dict], path: Path | None = None, ax=None):
     return ax
 
 
+FLASH_LENGTHS = (2048, 4096, 8192, 16384)
+FLASH_BLOCK = 256
+
+
+def _flash_methods():
+    return {
+        "materialised scores": lambda q, k, v: basics.scaled_dot_product_attention(q, k, v, is_causal=True)[0],
+        "fused SDPA": lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=True),
+        f"flash_attention (tiles {FLASH_BLOCK})": lambda q, k, v: flash.flash_attention(
+            q, k, v, is_causal=True, block_q=FLASH_BLOCK, block_k=FLASH_BLOCK),
+    }
+
+
+def run_flash_one(name: str, L: int) -> dict:
+    """Time and peak memory of one chapter-7 method at one length (call it in a fresh process)."""
+    fn = _flash_methods()[name]
+    dev = get_device()
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(B, H, L, D, device=dev) for _ in range(3))
+    with torch.no_grad():
+        fn(q[:, :, :256].contiguous(), k[:, :, :256].contiguous(), v[:, :, :256].contiguous())
+        if dev.type == "cuda":
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            base_cuda = torch.cuda.memory_allocated() / 2**20
+        # Memory first, in a call of its own: the sampling thread would slow a Python loop's timing.
+        with _PeakMemory() as memory:
+            out = fn(q, k, v)
+            if dev.type == "cuda":
+                torch.cuda.synchronize()
+        peak = torch.cuda.max_memory_allocated() / 2**20 - base_cuda if dev.type == "cuda" else memory.mib
+        del out
+        times = []
+        for _ in range(3):
+            start = time.perf_counter()
+            out = fn(q, k, v)
+            if dev.type == "cuda":
+                torch.cuda.synchronize()
+            times.append(time.perf_counter() - start)
+            if times[-1] > 5:
+                break
+        rows = torch.linspace(0, L - 1, 32).long()
+        s = q[:, :, rows].double() @ k.double().transpose(-2, -1) / math.sqrt(D)
+        s = s.masked_fill(torch.arange(L, device=dev)[None, :] > rows.to(dev)[:, None], float("-inf"))
+        err = (out[:, :, rows].double() - torch.softmax(s, -1) @ v.double()).abs().max().item()
+    return {"method": name, "L": L, "seconds": sorted(times)[len(times) // 2], "peak_mib": peak,
+            "max_error": err, "scores_mib": B * H * L * L * 4 / 2**20}
+
+
+def run_flash(lengths=FLASH_LENGTHS, timeout: int = 900) -> list[dict]:
+    """Every chapter-7 method at every length, each in a fresh process. Materialised scores are
+    skipped where the scores alone would take more than a third of this machine's memory."""
+    total_mib = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**20
+    results = []
+    for name in _flash_methods():
+        for L in lengths:
+            if name == "materialised scores" and 2 * B * H * L * L * 4 / 2**20 > total_mib / 3:
+                print(f"  {name:<28} L={L:>5}: skipped, the scores and weights alone need "
+                      f"{2 * B * H * L * L * 4 / 2**30:.0f} GiB", flush=True)
+                continue
+            cmd = [sys.executable, "-m", "attn_course.bench", "--one-flash", name, str(L)]
+            try:
+                proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout,
+                                      env={**os.environ, "PYTHONWARNINGS": "ignore"})
+            except subprocess.TimeoutExpired:
+                print(f"  {name} at L={L}: timed out after {timeout} s", flush=True)
+                continue
+            line = proc.stdout.strip().splitlines()[-1] if proc.stdout.strip() else ""
+            if proc.returncode or not line.startswith("{"):
+                print(f"  {name} at L={L}: failed ({proc.stderr.strip().splitlines()[-1:] or '?'})", flush=True)
+                continue
+            r = json.loads(line)
+            results.append(r)
+            print(f"  {name:<28} L={L:>5}: {1e3 * r['seconds']:9.1f} ms, peak {r['peak_mib']:8.1f} MiB, "
+                  f"error {r['max_error']:.1e}", flush=True)
+    return results
+
+
+def flash_table(results: list[dict]) -> str:
+    """Markdown: per length, time and peak memory of each method, and flash's ratios."""
+    by = {(r["method"], r["L"]): r for r in results}
+    fl = f"flash_attention (tiles {FLASH_BLOCK})"
+    lines = ["| L | method | time (ms) | peak memory (MiB) | max error | time / fused SDPA "
+             "| peak / materialised scores |", "|---|---|---:|---:|---:|---:|---:|"]
+    for L in sorted({r["L"] for r in results}):
+        sdpa_r = by.get(("fused SDPA", L))
+        for name in _flash_methods():
+            r = by.get((name, L))
+            if r is None:
+                continue
+            ratio = f"{r['seconds'] / sdpa_r['seconds']:.2f}x" if sdpa_r else "-"
+            mem = f"1/{r['scores_mib'] / max(r['peak_mib'], 1e-9):.0f}" if name == fl else "-"
+            lines.append(f"| {L} | {name} | {1e3 * r['seconds']:.1f} | {r['peak_mib']:.1f} | "
+                         f"{r['max_error']:.1e} | {ratio} | {mem} |")
+    return "\n".join(lines)
+
+
+def run_ring(L: int = 4096, world_size: int = 4) -> list[dict]:
+    """Ring attention over ``world_size`` local gloo processes against one process, causal and not."""
+    from .distributed import ring_attention_profile
+
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(B, H, L, D) for _ in range(3))
+    rows = []
+    for causal in (False, True):
+        ref = F.scaled_dot_product_attention(q, k, v, is_causal=causal)
+        for w in (1, world_size):
+            out, stats = ring_attention_profile(q, k, v, w, is_causal=causal)
+            rows.append({"W": w, "causal": causal, "L": L,
+                         "seconds": max(s["total_s"] for s in stats),
+                         "bytes_sent_per_process": stats[0]["bytes_sent"],
+                         "compute_s": [s["compute_s"] for s in stats], "wait_s": [s["wait_s"] for s in stats],
+                         "blocks": [s["blocks_computed"] for s in stats],
+                         "max_error": (out - ref).abs().max().item()})
+            print(f"  ring W={w} causal={causal}: {rows[-1]['seconds']:.3f} s, sent "
+                  f"{rows[-1]['bytes_sent_per_process'] / 2**20:.1f} MiB per process, blocks per rank "
+                  f"{rows[-1]['blocks']}, error {rows[-1]['max_error']:.1e}", flush=True)
+    return rows
+
+
+def ring_table(rows: list[dict]) -> str:
+    lines = ["| causal | processes | time (s) | time vs 1 process | MiB sent per process "
+             "| key shards computed per rank | compute s per rank | waiting s per rank |",
+             "|---|---:|---:|---:|---:|---|---|---|"]
+    for r in rows:
+        one = next(x for x in rows if x["W"] == 1 and x["causal"] == r["causal"])
+        lines.append(f"| {r['causal']} | {r['W']} | {r['seconds']:.3f} | {r['seconds'] / one['seconds']:.2f}x | "
+                     f"{r['bytes_sent_per_process'] / 2**20:.1f} | {r['blocks']} | "
+                     f"{', '.join(f'{x:.2f}' for x in r['compute_s'])} | {', '.join(f'{x:.2f}' for x in r['wait_s'])} |")
+    return "\n".join(lines)
+
+
+def flash_reference_results() -> dict:
+    """The stored chapter-7 benchmark (``results/flash_cpu.json``, written by ``make bench-reference``)."""
+    from importlib.resources import files
+
+    return json.loads(files("attn_course").joinpath("results/flash_cpu.json").read_text())
+
+
 def run_sparse(lengths, out_dir: Path, timeout: int = 600, methods=None) -> list[dict]:
     available = list(_methods())
     unknown = set(methods or []) - set(available)
@@ -354,10 +555,16 @@ def main(argv=None) -> int:
     parser.add_argument("--out", type=Path, default=Path("_build/bench"), help="where results are written")
     parser.add_argument("--lengths", type=int, nargs="+", help="sequence lengths (default 1k..16k)")
     parser.add_argument("--methods", nargs="+", help="only these methods (default: all available)")
+    parser.add_argument("--suites", nargs="+", choices=["sparse", "flash"], default=["sparse", "flash"],
+                        help="which benchmarks to run (default: both)")
     parser.add_argument("--one", nargs=2, metavar=("METHOD", "L"), help=argparse.SUPPRESS)
+    parser.add_argument("--one-flash", nargs=2, metavar=("METHOD", "L"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.one:
         print(json.dumps(run_one(args.one[0], int(args.one[1]))))
+        return 0
+    if args.one_flash:
+        print(json.dumps(run_flash_one(args.one_flash[0], int(args.one_flash[1]))))
         return 0
     args.out.mkdir(parents=True, exist_ok=True)
     info = machine()
@@ -369,6 +576,21 @@ def main(argv=None) -> int:
     for L, ours, fused, ratio, mb in sdpa((128, 512) if args.quick else (128, 256, 512, 1024, 2048),
                                           min_run_time=0.1 if args.quick else 0.3):
         print(f"{L:>6} {ours:>10.3f} {fused:>10.3f} {ratio:>10.2f}x {mb:>12.1f}")
+    if "flash" in args.suites:
+        flash_lengths = FLASH_LENGTHS[:2] if args.quick else FLASH_LENGTHS
+        print(f"\nChapter 7: exact attention in tiles, causal, B={B}, H={H}, d={D}, each in a fresh process")
+        flash_results = run_flash(flash_lengths)
+        print("\n" + flash_table(flash_results))
+        print(f"\nChapter 7: ring attention over local processes (gloo), B={B}, H={H}, d={D}")
+        ring_rows = run_ring(2048 if args.quick else 4096)
+        print("\n" + ring_table(ring_rows))
+        (args.out / "flash.json").write_text(json.dumps({"machine": info, "results": flash_results,
+                                                         "ring": ring_rows}, indent=1))
+        (args.out / "flash.md").write_text(f"Machine: {info}.\n\n{flash_table(flash_results)}\n\n"
+                                           f"{ring_table(ring_rows)}\n")
+        print(f"\nwritten: {args.out}/flash.json, flash.md")
+    if "sparse" not in args.suites:
+        return 0
     lengths = args.lengths or (LENGTHS[:3] if args.quick else LENGTHS)
     print(f"\nChapter 6: sparse attention, B={B}, H={H}, d={D}, window +-{WINDOW}, each in a fresh process")
     results = run_sparse(lengths, args.out, methods=args.methods)

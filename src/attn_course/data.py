@@ -152,7 +152,7 @@ def copy_after_marker_task(num_examples: int, length: int = 36, window: int = 4,
 
 def sort_task(num_examples: int, length: int = 8, vocab_size: int = 10, *,
               generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Sorting as language modelling (chapter 7): ``digits, SEP, sorted digits``.
+    """Sorting as language modelling (chapter 9, the capstone): ``digits, SEP, sorted digits``.
 
     Token ids ``(num_examples, 2 * length + 1)`` with ``SEP = vocab_size``; targets of the
     same shape hold the next token at the positions that predict the sorted part

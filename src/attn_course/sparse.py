@@ -293,7 +293,8 @@ def block_sparse_attention(query, key, value, layout: torch.Tensor, block_size: 
     only to its own largest count, so a few dense rows (global blocks) cost only their own work.
     """
     B, H, L, d = _check_qkv(query, key, value)
-    layout = _check_layout(layout).to(query.device)
+    # The layout is a plan, read on the CPU; only the index tensors go to the inputs' device.
+    layout = _check_layout(layout).cpu()
     b = _checks.positive_number("block_size", block_size, integer=True)
     nb = layout.shape[0]
     if nb * b != L:
@@ -319,11 +320,12 @@ def block_sparse_attention(query, key, value, layout: torch.Tensor, block_size: 
     if current:
         groups.append(current)
     for group in groups:
-        rows = torch.tensor(group, device=query.device)
-        R, C = rows.numel(), int(counts[rows].max())
-        cols = torch.argsort(~layout[rows], dim=1, stable=True)[:, :C].flatten()  # allowed blocks first
-        valid = torch.arange(C, device=query.device)[None, :] < counts[rows][:, None]
-        mask = None if bool(valid.all()) else valid.repeat_interleave(b, dim=1)[None, :, None, :]
+        rows_cpu = torch.tensor(group)
+        R, C = len(group), int(counts[rows_cpu].max())
+        rows = rows_cpu.to(query.device)
+        cols = torch.argsort(~layout[rows_cpu], dim=1, stable=True)[:, :C].flatten().to(query.device)
+        valid = torch.arange(C)[None, :] < counts[rows_cpu][:, None]              # allowed blocks first
+        mask = None if bool(valid.all()) else valid.repeat_interleave(b, dim=1)[None, :, None, :].to(query.device)
         for bi in range(B):
             for h in range(H):  # one head at a time: the gathered blocks stay in cache
                 ks = torch.index_select(kb[bi, h], 0, cols).view(1, R, C * b, d)
@@ -427,7 +429,8 @@ def performer_attention(query, key, value, num_features: int = 256, *, seed: int
     B, H, L, d = _check_qkv(query, key, value)
     m = _checks.positive_number("num_features", num_features, integer=True)
     work = torch.float64 if query.dtype == torch.float64 else torch.float32
-    q, k, v = (t.to(work) * (d ** -0.25 if t is not value else 1.0) for t in (query, key, value))
+    # scale by position in the argument list, never by identity: f(x, x, x) must scale q and k too
+    q, k, v = query.to(work) * d ** -0.25, key.to(work) * d ** -0.25, value.to(work)
     omega = _orthogonal_features(m, d, seed, query.device, work)                     # (m, d)
 
     def features(x, per_row: bool):

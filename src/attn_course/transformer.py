@@ -1,4 +1,4 @@
-"""Chapter 7 (capstone), a small transformer built from the course's own parts.
+"""Chapter 9 (capstone), a small transformer built from the course's own parts.
 
 Token embeddings; rotary positions (chapter 5, :func:`attn_course.positional.apply_rope`);
 pre-norm blocks of causal multi-head self-attention (chapter 4's head split and merge)

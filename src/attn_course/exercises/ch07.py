@@ -1,118 +1,260 @@
-"""Chapter 7 exercises: language-model targets, attention rollout, counting a transformer's parameters."""
+"""Chapter 7 exercises: the log-sum-exp merge, one FlashAttention tile, KV bytes, causal tiles, the ring.
+
+Expected answers come from the package functions bound here at import time, so a
+learner who reassigns ``attn_course.flash.merge_attention`` cannot move the target.
+"""
 
 from __future__ import annotations
 
+import math
+
 import torch
 
-from .. import interpret, multihead, transformer
+from ..distributed import ring_schedule as _ring_schedule
+from ..flash import _tile_kind
+from ..flash import attention_with_lse as _attention_with_lse
+from ..flash import merge_attention as _merge_attention
+from ..multihead import kv_cache_bytes as _kv_cache_bytes
 from ._core import Case, Exercise
 
 
-def _targets_solution(ids, prompt_length):
-    targets = torch.full_like(ids, -100)
-    targets[:, prompt_length - 1:-1] = ids[:, prompt_length:]   # position t predicts token t + 1
-    return targets
+def _gen(seed):
+    g = torch.Generator().manual_seed(seed)
+    return lambda *s: torch.randn(*s, generator=g, dtype=torch.float64)  # noqa: E731
 
 
-def _targets_expected(ids, prompt_length):
-    targets = torch.full_like(ids, -100)
-    for t in range(prompt_length - 1, ids.shape[1] - 1):
-        targets[:, t] = ids[:, t + 1]
-    return targets
+# --- ch07.merge_attention -------------------------------------------------------------------------
+# Mistakes: averaging the two outputs; weighting by exp(lse) without subtracting the max (overflow
+# when scores are large); NaN when one part is empty (lse = -inf); lse as a sum or a max.
+
+def _merge_solution(out1, lse1, out2, lse2):
+    lse = torch.logaddexp(lse1, lse2)
+    safe = torch.where(torch.isfinite(lse), lse, torch.zeros_like(lse))
+    w1, w2 = torch.exp(lse1 - safe), torch.exp(lse2 - safe)
+    return w1[..., None] * out1 + w2[..., None] * out2, lse
 
 
-def _targets_cases():
-    g = torch.Generator().manual_seed(70)
-    return [Case(f"ids {s}, prompt_length {p}", (torch.randint(0, 10, s, generator=g), p))
-            for s, p in (((1, 6), 3), ((2, 9), 5), ((3, 17), 9), ((2, 4), 1))]
+def _merge_expected(out1, lse1, out2, lse2):
+    return _merge_attention([out1, out2], [lse1, lse2])
 
 
-def _targets_hint(case, got, expected):
-    ids, p = case.args
-    if got.shape != expected.shape or got.is_floating_point():
-        return None
-    aligned = torch.full_like(ids, -100)
-    aligned[:, p:] = ids[:, p:]
-    if torch.equal(got, aligned):
-        return "shift by one: the output at position t is scored against token t + 1."
-    return "targets[:, t] = ids[:, t + 1] for t from prompt_length - 1 to T - 2, and -100 elsewhere."
-
-
-def _rollout_solution(weights):
-    L = weights[0].shape[-1]
-    eye = torch.eye(L, dtype=weights[0].dtype)
-    rollout = eye
-    for a in weights:                                # first layer first
-        a = 0.5 * a + 0.5 * eye                      # the residual connection keeps half of each token
-        a = a / a.sum(-1, keepdim=True)
-        rollout = a @ rollout
-    return rollout
-
-
-def _rollout_expected(weights):
-    return interpret.attention_rollout([w[None] for w in weights])[0]
-
-
-def _rollout_cases():
-    g = torch.Generator().manual_seed(71)
+def _merge_cases():
+    r = _gen(70)
     cases = []
-    for layers, L in ((1, 3), (2, 4), (3, 6)):
-        ws = [torch.softmax(torch.randn(L, L, generator=g), -1) for _ in range(layers)]
-        cases.append(Case(f"{layers} layer(s) of {L} x {L} weights", (ws,)))
+    for desc, (Lq, L1, L2), scale in (("(2, 4) queries, 3 + 5 keys", (4, 3, 5), 1.0),
+                                      ("1 query, 1 + 6 keys", (1, 1, 6), 1.0),
+                                      ("large scores (lse near 1000)", (3, 4, 4), 300.0)):
+        q, k, v = r(2, Lq, 4) * scale, r(2, L1 + L2, 4), r(2, L1 + L2, 3)
+        o1, s1 = _attention_with_lse(q, k[:, :L1], v[:, :L1])
+        o2, s2 = _attention_with_lse(q, k[:, L1:], v[:, L1:])
+        cases.append(Case(desc, (o1, s1, o2, s2)))
+    q, k, v = r(5, 4), r(6, 4), r(6, 2)
+    mask = torch.ones(5, 6, dtype=torch.bool)
+    mask[1, :3] = False        # query 1 sees no key of part 1: lse1 = -inf there
+    o1, s1 = _attention_with_lse(q, k[:3], v[:3], mask[:, :3])
+    o2, s2 = _attention_with_lse(q, k[3:], v[3:], mask[:, 3:])
+    cases.append(Case("part 1 empty for one query (lse = -inf)", (o1, s1, o2, s2)))
     return cases
 
 
-def _rollout_hint(case, got, expected):
-    (ws,) = case.args
-    plain = ws[0]
-    for a in ws[1:]:
-        plain = a @ plain
-    if got.shape == expected.shape and torch.allclose(got, plain, atol=1e-5):
-        return "account for the residual connection: use 0.5 * A + 0.5 * I per layer."
-    reverse = None
-    for a in ws:
-        a = 0.5 * a + 0.5 * torch.eye(a.shape[-1])
-        reverse = a if reverse is None else reverse @ a
-    if got.shape == expected.shape and torch.allclose(got, reverse, atol=1e-5):
-        return "multiply later layers on the left: R = A_L ... A_2 A_1."
+def _merge_hint(case, got, expected):
+    out1, lse1, out2, lse2 = case.args
+    if isinstance(got, (tuple, list)) and len(got) == 2 and isinstance(got[0], torch.Tensor):
+        if got[0].shape == out1.shape and torch.allclose(got[0], (out1 + out2) / 2):
+            return "the parts are not equally important: weight each by exp(lse_i - lse)."
+        if torch.isnan(got[0]).any() or torch.isinf(got[0]).any():
+            return ("exp(lse_i) overflows for large scores, and -inf - (-inf) is NaN: subtract the merged "
+                    "lse (or the max) before exp, and treat an empty part (lse = -inf) as weight 0.")
+        if isinstance(got[1], torch.Tensor) and got[1].shape == lse1.shape and (
+                torch.allclose(got[1], torch.maximum(lse1, lse2)) or torch.allclose(got[1], lse1 + lse2)):
+            return "the merged lse is log(exp(lse1) + exp(lse2)): torch.logaddexp."
+    return "lse = logaddexp(lse1, lse2); out = exp(lse1 - lse) * out1 + exp(lse2 - lse) * out2."
+
+
+# --- ch07.flash_tile_step -------------------------------------------------------------------------
+# Mistakes: not rescaling the old output or the old sum by exp(m_old - m_new); exp(s) without
+# subtracting the max (overflow); NaN for a row whose keys are all masked so far (m = -inf).
+
+def _tile_solution(m, z, o, scores, value):
+    m_new = torch.maximum(m, scores.amax(-1))
+    m_safe = torch.where(torch.isfinite(m_new), m_new, torch.zeros_like(m_new))
+    p = torch.exp(scores - m_safe[..., None])
+    alpha = torch.exp(m - m_safe)
+    return m_new, alpha * z + p.sum(-1), alpha[..., None] * o + p @ value
+
+
+def _tile_expected(m, z, o, scores, value):
+    """The same state, derived independently: merge (o / z, m + log z) with this tile's attention."""
+    finite = lambda x: torch.where(torch.isfinite(x), x, torch.zeros_like(x))  # noqa: E731
+    lse_old = torch.where(z > 0, m + torch.log(torch.where(z > 0, z, torch.ones_like(z))),
+                          torch.full_like(z, -math.inf))
+    out_old = o / torch.where(z > 0, z, torch.ones_like(z))[..., None]
+    lse_tile = torch.logsumexp(scores, -1)
+    out_tile = torch.exp(scores - finite(lse_tile)[..., None]) @ value
+    out, lse = _merge_attention([out_old, out_tile], [lse_old, lse_tile])
+    m_new = torch.maximum(m, scores.amax(-1))
+    z_new = torch.exp(lse - finite(m_new))
+    return m_new, z_new, out * z_new[..., None]
+
+
+def _tile_cases():
+    r = _gen(71)
+    cases = []
+    # the first tile: nothing seen yet
+    cases.append(Case("first tile (m = -inf, z = 0, o = 0)",
+                      (torch.full((4,), -math.inf, dtype=torch.float64), torch.zeros(4, dtype=torch.float64),
+                       torch.zeros(4, 3, dtype=torch.float64), r(4, 5), r(5, 3))))
+    # a later tile whose scores exceed the running max: the old part must be rescaled
+    s_old = r(4, 6)
+    m = s_old.amax(-1)
+    p_old = torch.exp(s_old - m[:, None])
+    v_old = r(6, 3)
+    cases.append(Case("second tile with larger scores", (m, p_old.sum(-1), p_old @ v_old, r(4, 5) + 3.0, r(5, 3))))
+    cases.append(Case("second tile with smaller scores", (m, p_old.sum(-1), p_old @ v_old, r(4, 5) - 3.0, r(5, 3))))
+    # large scores: exp without the max overflows
+    big = r(2, 4) * 400
+    cases.append(Case("scores near 1000", (torch.full((2,), -math.inf, dtype=torch.float64),
+                                           torch.zeros(2, dtype=torch.float64),
+                                           torch.zeros(2, 3, dtype=torch.float64), big, r(4, 3))))
+    # a causal row that has seen no allowed key yet and whose tile is masked too
+    s = r(3, 4)
+    s[0] = -math.inf
+    cases.append(Case("a row masked so far and in this tile (all -inf)",
+                      (torch.full((3,), -math.inf, dtype=torch.float64), torch.zeros(3, dtype=torch.float64),
+                       torch.zeros(3, 2, dtype=torch.float64), s, r(4, 2))))
+    return cases
+
+
+def _tile_hint(case, got, expected):
+    m, z, o, s, v = case.args
+    if not (isinstance(got, (tuple, list)) and len(got) == 3 and all(isinstance(g, torch.Tensor) for g in got)):
+        return None
+    if any(torch.isnan(g).any() for g in got):
+        return ("a row with every score -inf gives -inf - (-inf) = NaN: subtract 0 instead of the max "
+                "where the new max is -inf (torch.where(torch.isfinite(m_new), m_new, 0)).")
+    if any(torch.isinf(g).any() for g in got[1:]):
+        return "exp of large scores overflows: subtract the new running max before exp."
+    m_new = expected[0]
+    no_rescale = (z + torch.exp(s - m_new[:, None]).sum(-1), o + torch.exp(s - m_new[:, None]) @ v)
+    if got[1].shape == z.shape and torch.allclose(got[1], no_rescale[0]) and not torch.allclose(got[1], expected[1]):
+        return "the old sum z was computed with the old max: multiply it by exp(m_old - m_new)."
+    if got[2].shape == o.shape and torch.allclose(got[2], no_rescale[1]) and not torch.allclose(got[2], expected[2]):
+        return "the old output o was computed with the old max: multiply it by exp(m_old - m_new)."
     return None
 
 
-def _params_solution(vocab_size, embed_dim, num_layers, mlp_ratio):
-    d, h = embed_dim, mlp_ratio * embed_dim
-    norms = 2 * (2 * d)                                      # two LayerNorms, a weight and a bias each
-    attention = (3 * d * d + 3 * d) + (d * d + d)            # fused Q, K, V projection and the output one
-    mlp = (d * h + h) + (h * d + d)
-    return vocab_size * d + num_layers * (norms + attention + mlp) + 2 * d + (d * vocab_size + vocab_size)
+# --- ch07.kv_bytes --------------------------------------------------------------------------------
+# Mistakes: forgetting the factor 2 (keys and values); using the query heads instead of the KV heads
+# (GQA); forgetting the batch or the bytes per value.
+
+def _kv_solution(num_layers, num_heads, num_kv_heads, head_dim, seq_len, batch_size, bytes_per_value):
+    return 2 * num_layers * num_kv_heads * head_dim * seq_len * batch_size * bytes_per_value
 
 
-def _params_expected(vocab_size, embed_dim, num_layers, mlp_ratio):
-    model = transformer.TinyTransformer(vocab_size, embed_dim, 2, num_layers, mlp_ratio=mlp_ratio)
-    return multihead.count_parameters(model)
+def _kv_expected(num_layers, num_heads, num_kv_heads, head_dim, seq_len, batch_size, bytes_per_value):
+    return _kv_cache_bytes(num_layers, num_kv_heads, head_dim, seq_len, batch_size, bytes_per_value)
 
 
-def _params_cases():
-    return [Case(f"vocab {V}, width {d}, {n} layers, MLP x{r}", (V, d, n, r))
-            for V, d, n, r in ((11, 64, 2, 4), (100, 32, 1, 4), (50, 128, 6, 2), (8, 16, 3, 1))]
+def _kv_cases():
+    return [Case(f"layers {a}, heads {b}, kv heads {c}, head_dim {d}, L {e}, batch {f}, {g} bytes",
+                 (a, b, c, d, e, f, g))
+            for a, b, c, d, e, f, g in ((32, 32, 8, 128, 8192, 1, 2),     # a Llama-3-8B-like config, GQA
+                                        (12, 12, 12, 64, 1024, 4, 4),     # GPT-2-small-like, MHA, float32
+                                        (24, 16, 1, 128, 32768, 2, 2),    # MQA
+                                        (2, 4, 2, 16, 10, 3, 1))]
 
 
-def _params_hint(case, got, expected):
-    V, d, n, r = case.args
-    if not isinstance(got, int):
+def _kv_hint(case, got, expected):
+    L_, H, G, d, T, B, nb = case.args
+    if not isinstance(got, (int, float)):
         return None
-    if got == expected - 2 * d - n * 4 * d:
-        return "count the LayerNorms: a weight and a bias of size d each, two per block plus the final one."
-    if got == expected - d * V - V:
-        return "the output head (d x vocab weights and vocab biases) has its own parameters here."
-    return "per block: two LayerNorms, Q/K/V (3d x d + 3d), the output projection (d x d + d), the MLP."
+    if got * 2 == expected:
+        return "a cache stores keys AND values: twice the bytes of the keys."
+    if G != H and got == expected * H // G:
+        return "with grouped-query attention only num_kv_heads heads of keys and values are cached."
+    if got * B == expected and B > 1:
+        return "every sequence in the batch has its own cache: multiply by batch_size."
+    if got * nb == expected and nb > 1:
+        return "count bytes, not values: multiply by bytes_per_value."
+    return None
+
+
+# --- ch07.causal_skipped_tiles -------------------------------------------------------------------
+# Mistakes: skipping the diagonal tile (k0 >= q0); comparing tile indices, which is wrong when
+# block_q != block_k; ignoring a last, shorter tile.
+
+def _skip_solution(length, block_q, block_k):
+    n_q, n_k = -(-length // block_q), -(-length // block_k)
+    first_key = torch.arange(n_k)[None, :] * block_k                         # k0 of each key tile
+    last_query = (torch.arange(n_q)[:, None] * block_q + block_q - 1).clamp(max=length - 1)
+    return first_key > last_query
+
+
+def _skip_expected(length, block_q, block_k):
+    n_q, n_k = -(-length // block_q), -(-length // block_k)
+    out = torch.zeros(n_q, n_k, dtype=torch.bool)
+    for i in range(n_q):
+        for j in range(n_k):
+            q0, q1 = i * block_q, min((i + 1) * block_q, length)
+            k0, k1 = j * block_k, min((j + 1) * block_k, length)
+            out[i, j] = _tile_kind(q0, q1, k0, k1, True) == "skipped"
+    return out
+
+
+def _skip_cases():
+    return [Case(f"L {L}, block_q {bq}, block_k {bk}", (L, bq, bk))
+            for L, bq, bk in ((8, 2, 2), (16, 4, 4), (12, 4, 2), (12, 2, 4), (10, 4, 3), (5, 8, 8))]
+
+
+def _skip_hint(case, got, expected):
+    L, bq, bk = case.args
+    if isinstance(got, torch.Tensor) and got.shape == expected.shape and got.dtype == torch.bool:
+        if (got & ~expected).any():
+            return ("you skip a tile that holds allowed pairs: a tile can be skipped only when its first key "
+                    "comes after its last query (k0 > q1 - 1); the diagonal tiles are needed.")
+        if bq != bk:
+            return "compare positions, not tile numbers: block_q and block_k differ here."
+    return None
+
+
+# --- ch07.ring_source ----------------------------------------------------------------------------
+# Mistakes: the wrong direction ((r + s) mod W); no modulo (negative ranks).
+
+def _ring_solution(rank, step, world_size):
+    return (rank - step) % world_size
+
+
+def _ring_expected(rank, step, world_size):
+    return _ring_schedule(world_size)[step][rank]
+
+
+def _ring_cases():
+    return [Case(f"rank {r}, step {s}, W = {w}", (r, s, w))
+            for r, s, w in ((2, 1, 4), (0, 1, 4), (1, 3, 4), (3, 0, 4), (0, 2, 3), (4, 4, 5))]
+
+
+def _ring_hint(case, got, expected):
+    r, s, w = case.args
+    if got == (r + s) % w:
+        return "shards travel from rank r - 1 to rank r, so at step s you hold the shard of rank r - s."
+    if got == r - s:
+        return "rank numbers wrap around the ring: take the result modulo world_size."
+    return None
 
 
 EXERCISES = [
-    Exercise("ch07.lm_targets", "lm_targets(ids (B, T), prompt_length) -> (B, T) int64 targets, -100 = ignored",
-             _targets_cases, _targets_expected, _targets_solution, _targets_hint),
-    Exercise("ch07.attention_rollout", "attention_rollout(weights: list of (L, L), first layer first) -> (L, L)",
-             _rollout_cases, _rollout_expected, _rollout_solution, _rollout_hint),
-    Exercise("ch07.transformer_parameters",
-             "transformer_parameters(vocab_size, embed_dim, num_layers, mlp_ratio) -> int",
-             _params_cases, _params_expected, _params_solution, _params_hint, atol=0, rtol=0),
+    Exercise("ch07.merge_attention",
+             "merge_attention(out1 (..., L_q, d_v), lse1 (..., L_q), out2, lse2) -> (out, lse)",
+             _merge_cases, _merge_expected, _merge_solution, _merge_hint, atol=1e-8, rtol=1e-8),
+    Exercise("ch07.flash_tile_step",
+             "flash_tile_step(m (bq,), z (bq,), o (bq, d_v), scores (bq, bk), value (bk, d_v)) -> (m, z, o)",
+             _tile_cases, _tile_expected, _tile_solution, _tile_hint, atol=1e-8, rtol=1e-8),
+    Exercise("ch07.kv_bytes",
+             "kv_bytes(num_layers, num_heads, num_kv_heads, head_dim, seq_len, batch_size, bytes_per_value) -> int",
+             _kv_cases, _kv_expected, _kv_solution, _kv_hint, atol=0, rtol=0),
+    Exercise("ch07.causal_skipped_tiles",
+             "causal_skipped_tiles(length, block_q, block_k) -> (n_q_tiles, n_k_tiles) bool, True = skip",
+             _skip_cases, _skip_expected, _skip_solution, _skip_hint),
+    Exercise("ch07.ring_source", "ring_source(rank, step, world_size) -> int: whose key/value shard rank holds",
+             _ring_cases, _ring_expected, _ring_solution, _ring_hint, atol=0, rtol=0),
 ]
