@@ -21,12 +21,13 @@ export PIP_DISABLE_PIP_VERSION_CHECK := 1
 NB_ENV := ATTN_COURSE_STATIC=1 MPLBACKEND=module://matplotlib_inline.backend_inline
 NO_NET := PYTHONPATH=$(CURDIR)/tests/offline
 
-.PHONY: help setup book test unit nbval lint build-strict browser site notebooks stamp bench bench-reference serve clean
+.PHONY: help setup book test unit nbval lint build-strict browser site colab notebooks stamp bench bench-reference serve clean
 
 help:
 	@echo "make book       build the site into _build/html"
 	@echo "make test       unit tests, nbval on every chapter, strict book build"
 	@echo "make notebooks  re-execute every chapter notebook in place"
+	@echo "make colab      run every chapter live as on Colab (Colab's packages, the built wheel)"
 	@echo "make bench      run the benchmarks"
 	@echo "make serve      serve _build/html on http://127.0.0.1:$(PORT)"
 
@@ -81,7 +82,22 @@ endif
 site: browser
 	ATTN_COURSE_CHROMIUM=$(filter-out playwright,$(CHROMIUM)) $(BIN)/pytest tests/browser
 
-test: lint unit nbval build-strict site
+# Colab, simulated: Colab's preinstalled packages (tests/colab/preinstalled.txt) in a venv of
+# their own, the course installed from its wheel (which must change none of them), and every
+# chapter run live (ipywidgets sliders, no static rendering) from outside the repository.
+COLAB := _build/colab
+colab: setup
+	rm -rf $(COLAB) && mkdir -p $(COLAB)
+	$(PYTHON) -m venv $(COLAB)/venv
+	$(COLAB)/venv/bin/python -m pip install -q -r tests/colab/preinstalled.txt
+	$(PY) -m pip wheel -q --no-deps -w $(COLAB)/wheel .
+	$(COLAB)/venv/bin/python -m pip freeze > $(COLAB)/before.txt
+	$(COLAB)/venv/bin/python -m pip install -q $(COLAB)/wheel/*.whl
+	$(COLAB)/venv/bin/python -m pip freeze > $(COLAB)/after.txt
+	cd $(COLAB) && env -u ATTN_COURSE_STATIC -u PYTHONPATH -u MPLBACKEND venv/bin/python \
+	    $(CURDIR)/tests/colab/run_chapters.py --repo $(CURDIR) --before before.txt --after after.txt
+
+test: lint unit nbval build-strict site colab
 
 notebooks: setup
 	$(PY) -m attn_course.authoring execute

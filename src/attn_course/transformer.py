@@ -4,7 +4,7 @@ Token embeddings; rotary positions (chapter 5, :func:`attn_course.positional.app
 pre-norm blocks of causal multi-head self-attention (chapter 4's head split and merge)
 and an MLP, with residual connections and layer normalisation; a language-model head.
 The attention can be global, a sliding window or a dilated window (chapter 6's
-kernels), and decoding uses a key/value cache (chapter 4's :class:`KVCache`).
+kernels), and decoding uses a key/value cache (chapter 4's :class:`~attn_course.multihead.KVCache`).
 """
 
 from __future__ import annotations
@@ -44,7 +44,7 @@ class CausalSelfAttention(nn.Module):
     and ``"dilated"`` (that window plus every ``dilation``-th key back to
     ``window * dilation``) use chapter 6's blocked kernels. ``forward(x (B, L, E), *,
     cache=None, need_weights=False) -> (output (B, L, E), weights (B, H, L, T) or None)``;
-    with a :class:`KVCache`, ``x`` holds only the new tokens.
+    with a :class:`~attn_course.multihead.KVCache`, ``x`` holds only the new tokens.
     """
 
     def __init__(self, embed_dim: int, num_heads: int, *, kind: str = "global", window: int = 4,
