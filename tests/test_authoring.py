@@ -31,7 +31,22 @@ def test_install_cell_is_valid_ipython(tmp_path):
     src = authoring.install_cell_source("https://github.com/a/b")
     python = TransformerManager().transform_cell(src)
     compile(python, "<cell>", "exec")
-    assert "get_ipython().run_line_magic('pip'" in python
+    assert '"attn-course @ git+https://github.com/a/b"' in src
+    assert '[sys.executable, "-m", "pip", "install"' in src
+
+
+def test_install_cell_explains_an_unreachable_repository(tmp_path, monkeypatch, capsys):
+    """On 'Colab', with an address pip cannot reach: a message saying what to do, no traceback."""
+    import sys
+    import types
+
+    monkeypatch.setitem(sys.modules, "google.colab", types.ModuleType("google.colab"))
+    src = authoring.install_cell_source(f"file://{tmp_path}/no-such-repository")
+    with pytest.raises(SystemExit) as stop:
+        exec(compile(src, "<cell>", "exec"), {})
+    message = str(stop.value)
+    assert "Could not install the course package" in message and "set COURSE" in message
+    assert "no-such-repository" in message
 
 
 def test_repository_url_and_chapters_come_from_the_config(tmp_path):

@@ -22,6 +22,19 @@ def _unique_scripts(app, pagename, templatename, context, doctree):
     scripts[:] = unique
 
 
+def _install_line(app, config):
+    """``{{ pip_install }}`` in the book: the pip command with the repository's address from
+    ``_config.yml`` (``repository.url``, which Jupyter Book passes on as the theme's
+    ``repository_url``), as a code block a reader can copy without editing."""
+    url = (config.html_theme_options or {}).get("repository_url", "").rstrip("/")
+    if not url:
+        raise ValueError("_config.yml must set repository.url (the setup page's install line uses it)")
+    subs = dict(config.myst_substitutions or {})
+    subs["pip_install"] = f'```bash\npip install "attn-course @ git+{url}"\n```'
+    config.myst_substitutions = subs
+
+
 def setup(app):
+    app.connect("config-inited", _install_line)
     app.connect("html-page-context", _unique_scripts, priority=900)
     return {"parallel_read_safe": True, "parallel_write_safe": True}

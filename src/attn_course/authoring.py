@@ -37,13 +37,29 @@ def repository_url(root: Path = ROOT) -> str:
 
 
 def install_cell_source(url: str) -> str:
-    """The source of the guarded install cell for a repository URL."""
+    """The source of the guarded install cell for a repository URL.
+
+    On Colab it installs the package with pip from the repository; when that fails (a fork, a
+    private copy, no network) it prints pip's last lines and stops *Run all* with a message
+    saying what to do, instead of a traceback on the next import.
+    """
     return (
         "# On Colab, install the course package (this cell is hidden in the book).\n"
         "import sys\n"
         "\n"
         'if "google.colab" in sys.modules:\n'
-        f'    %pip install -q "attn-course @ git+{url}"'
+        "    import subprocess\n"
+        "\n"
+        f'    COURSE = "attn-course @ git+{url}"\n'
+        '    pip = subprocess.run([sys.executable, "-m", "pip", "install", "-q", COURSE],\n'
+        "                         capture_output=True, text=True)\n"
+        "    if pip.returncode:\n"
+        "        print(pip.stderr[-1500:])\n"
+        "        raise SystemExit(\n"
+        '            f"Could not install the course package ({COURSE}). If this notebook comes from "\n'
+        '            "a fork or a private copy, set COURSE to an address this runtime can reach "\n'
+        "            \"(or upload the repository's folder and use 'attn-course @ file:///content/<folder>'), \"\n"
+        '            "then run this cell again.")'
     )
 
 
