@@ -13,7 +13,12 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from attn_course import flash
-from attn_course.distributed import ring_attention, ring_attention_profile, ring_schedule, run_ring_attention
+from attn_course.distributed import (
+    ring_attention,
+    ring_attention_profile,
+    ring_schedule,
+    run_ring_attention,
+)
 from attn_course.multihead import KVCache, PagedKVCache, SinkKVCache
 
 
@@ -250,6 +255,7 @@ def test_ring_profile_counts_bytes_and_causal_work():
     shard_bytes = 2 * (1 * 2 * (L // W) * 8 * 8)   # K and V shards, float64
     assert [s["bytes_sent"] for s in stats] == [(W - 1) * shard_bytes] * W
     assert [s["blocks_computed"] for s in stats] == [1, 2, 3, 4]   # the causal imbalance
+    assert all(s["comm_only_s"] > 0 and s["total_s"] > 0 for s in stats)
 
 
 def test_ring_attention_bad_input():
@@ -266,3 +272,36 @@ def test_ring_attention_bad_input():
         ring_attention(q, q, q)
     with pytest.raises(ValueError, match="equal query and key shards"):
         ring_attention(q, torch.randn(1, 1, 5, 4), torch.randn(1, 1, 5, 4))
+
+
+def test_half_precision_keeps_the_lse_in_float32_and_merges_accurately():
+    q, k, v = rand(1, 2, 16, 8), rand(1, 2, 64, 8, seed=1), rand(1, 2, 64, 8, seed=2)
+    ref = F.scaled_dot_product_attention(q, k, v)
+    for dtype in (torch.float16, torch.bfloat16):
+        qh, kh, vh = (x.to(dtype) for x in (q, k, v))
+        parts = [flash.attention_with_lse(qh, kh[..., a:a + 8, :], vh[..., a:a + 8, :]) for a in range(0, 64, 8)]
+        assert all(lse.dtype == torch.float32 for _, lse in parts)
+        out, lse = flash.merge_attention([o for o, _ in parts], [s for _, s in parts])
+        assert out.dtype == dtype and lse.dtype == torch.float32
+        one_shot = F.scaled_dot_product_attention(qh, kh, vh).double()
+        # merging eight parts is about as accurate as one fused call in the same precision
+        assert (out.double() - ref).abs().max() <= 3 * (one_shot - ref).abs().max() + 1e-3
+
+
+def test_ring_attention_in_bfloat16_is_as_accurate_as_one_process():
+    q, k, v = (x.to(torch.bfloat16) for x in (rand(1, 2, 64, 8), rand(1, 2, 64, 8, seed=1), rand(1, 2, 64, 8, seed=2)))
+    ref = F.scaled_dot_product_attention(*(x.double() for x in (q, k, v)), is_causal=True)
+    ring = run_ring_attention(q, k, v, 4, is_causal=True)
+    one = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+    assert ring.dtype == torch.bfloat16
+    assert (ring.double() - ref).abs().max() <= 2 * (one.double() - ref).abs().max() + 1e-3
+
+
+def test_peak_tensor_bytes_counts_new_tensors_only():
+    from attn_course.bench import peak_tensor_bytes
+
+    x = torch.randn(1000, 100)                                   # 400 kB, made before
+    assert peak_tensor_bytes(lambda: x[:10])[1] == 0             # a view of an input is not new
+    assert peak_tensor_bytes(lambda: x.clone())[1] == x.nbytes
+    _, peak = peak_tensor_bytes(lambda: (x @ x.T).sum())         # 4 MB held, then freed
+    assert peak >= 1000 * 1000 * 4

@@ -3,8 +3,9 @@ r"""Chapter 7: ring attention over ``torch.distributed`` (Liu et al., 2023).
 The sequence is cut into ``W`` contiguous shards, one per process (rank). Rank
 ``r`` keeps its queries and, at step ``s = 0, ..., W - 1``, holds the key/value
 shard of rank ``(r - s) mod W``: it computes attention of its queries over that
-shard (with the log-sum-exp, :func:`attn_course.flash.attention_with_lse`), merges
-it into its running result (:func:`attn_course.flash.merge_attention`), and passes
+shard (in tiles, with the log-sum-exp, as :func:`attn_course.flash.flash_attention`),
+merges it into its running result (:func:`attn_course.flash.merge_attention`, in
+float32 for half-precision inputs), and passes
 the shard on to rank ``r + 1`` while receiving the next one from rank ``r - 1``.
 The send of step ``s + 1``'s shard is posted *before* step ``s``'s compute, so
 communication overlaps computation. After ``W`` steps every rank has seen every
@@ -26,7 +27,7 @@ import torch.distributed as dist
 
 from . import _checks
 from .basics import _check_qkv
-from .flash import attention_with_lse, merge_attention
+from .flash import _flash, merge_attention
 
 __all__ = ["ring_attention", "run_ring_attention", "ring_attention_profile", "ring_schedule"]
 
@@ -53,7 +54,7 @@ def _check_shards(query, key, value) -> None:
                          f"sequence); got query {tuple(query.shape)}, key {tuple(key.shape)}")
 
 
-def _ring(query, key, value, is_causal, group, stats):
+def _ring(query, key, value, is_causal, group, stats, block=256, compute=True):
     _check_shards(query, key, value)
     if not dist.is_available() or not dist.is_initialized():
         raise RuntimeError("ring_attention must be called on every rank of an initialised "
@@ -69,7 +70,7 @@ def _ring(query, key, value, is_causal, group, stats):
         raise ValueError(f"every rank must hold shards of the same shape; got (B, H, L/W, d_k, d_v) = "
                          f"{[tuple(s.tolist()) for s in shapes]}")
     k_cur, v_cur = key.contiguous(), value.contiguous()
-    outputs, lses = [], []
+    out = lse = None                                     # the running result, merged step by step
     for step in range(world):
         source = (rank - step) % world                   # whose keys we hold now
         pending = []
@@ -82,18 +83,18 @@ def _ring(query, key, value, is_causal, group, stats):
             if stats is not None:
                 stats["bytes_sent"] += k_cur.nbytes + v_cur.nbytes
         start = time.perf_counter()
-        if not is_causal or source < rank:               # keys entirely before our queries: no mask
-            o, lse = attention_with_lse(query, k_cur, v_cur)
-            outputs.append(o)
-            lses.append(lse)
-        elif source == rank:                             # our own shard: causal within it
-            o, lse = attention_with_lse(query, k_cur, v_cur, is_causal=True)
-            outputs.append(o)
-            lses.append(lse)
-        # causal and source > rank: keys after all our queries, nothing to compute
+        # causal: keys entirely before our queries need no mask, our own shard is causal within
+        # itself, and shards after ours hold only future keys: nothing to compute
+        needed = compute and (not is_causal or source <= rank)
+        if needed:
+            o, s = _flash(query, k_cur, v_cur, is_causal and source == rank, block, block, None)
+            if out is None:
+                out, lse = o.to(s.dtype), s
+            else:
+                out, lse = merge_attention([out, o.to(s.dtype)], [lse, s])
         if stats is not None:
             stats["compute_s"] += time.perf_counter() - start
-            stats["blocks_computed"] += int(not is_causal or source <= rank)
+            stats["blocks_computed"] += int(needed)
         start = time.perf_counter()
         for req in pending:
             req.wait()
@@ -101,8 +102,9 @@ def _ring(query, key, value, is_causal, group, stats):
             stats["wait_s"] += time.perf_counter() - start
         if pending:
             k_cur, v_cur = k_next, v_next
-    out, _ = merge_attention(outputs, lses)
-    return out
+    if out is None:   # compute=False: the communication alone
+        return torch.zeros(*query.shape[:-1], value.shape[-1], dtype=value.dtype, device=value.device)
+    return out.to(value.dtype)
 
 
 def ring_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, *,
@@ -118,10 +120,11 @@ def ring_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, 
             sequence. Shards after rank ``r`` are then skipped (they still pass through).
         group: the process group (the default group when None).
 
-    At step ``s`` rank ``r`` attends over the shard of rank ``(r - s) mod W`` and merges
-    the partial result with the log-sum-exp rule of :func:`attn_course.flash.merge_attention`.
-    Each rank sends ``(W - 1)`` key/value shards in all: ``2 (W-1)/W`` of the sequence's
-    ``K`` and ``V`` bytes when ``d_v = d_k``.
+    At step ``s`` rank ``r`` attends over the shard of rank ``(r - s) mod W`` (in tiles of
+    256, as :func:`attn_course.flash.flash_attention`) and merges the partial result into
+    its running one with the log-sum-exp rule of :func:`attn_course.flash.merge_attention`.
+    Each rank sends ``W - 1`` key/value shards in all: ``(W - 1)/W`` of the bytes of the
+    sequence's ``K`` and ``V``.
 
     Returns:
         ``(B, H, L/W, d_v)``: rank ``r``'s rows of ``softmax(Q K^T / sqrt(d_k)) V``.
@@ -153,8 +156,14 @@ def _worker(rank, world_size, init_file, backend, query, key, value, is_causal, 
         result = _ring(q, k, v, is_causal, None, stats)
         stats["total_s"] = time.perf_counter() - start
         out[:, :, sl] = result.to(out.device)
+        comm_s = 0.0
+        if warmup:  # the same transfers without any compute: what communication alone costs
+            dist.barrier()
+            start = time.perf_counter()
+            _ring(q, k, v, is_causal, None, None, compute=False)
+            comm_s = time.perf_counter() - start
         stats_out[rank] = torch.tensor([stats["bytes_sent"], stats["compute_s"], stats["wait_s"],
-                                        stats["blocks_computed"], stats["total_s"]], dtype=torch.float64)
+                                        stats["blocks_computed"], stats["total_s"], comm_s], dtype=torch.float64)
         dist.barrier()
     finally:
         dist.destroy_process_group()
@@ -185,7 +194,7 @@ def _launch(query, key, value, world_size, is_causal, backend, warmup=False):
     import torch.multiprocessing as mp
 
     out = torch.zeros(*query.shape[:3], value.shape[-1], dtype=value.dtype).share_memory_()
-    stats = torch.zeros(world_size, 5, dtype=torch.float64).share_memory_()
+    stats = torch.zeros(world_size, 6, dtype=torch.float64).share_memory_()
     inputs = [x.detach().cpu().contiguous().share_memory_() for x in (query, key, value)]
     env_set = "GLOO_SOCKET_IFNAME" not in os.environ and _loopback_interface() is not None
     if env_set:   # keep gloo's connections on this machine (spawned workers inherit the variable)
@@ -226,11 +235,15 @@ def ring_attention_profile(query: torch.Tensor, key: torch.Tensor, value: torch.
     Returns ``(output, stats)`` with one dict per rank: ``bytes_sent`` (key/value bytes it sent),
     ``compute_s`` (seconds in attention), ``wait_s`` (seconds waiting for the next shard after
     computing: communication that did not overlap), ``blocks_computed`` (key shards it attended
-    over) and ``total_s`` (its wall-clock time in the ring). The timed pass follows an untimed
-    one, so that connecting the processes is not counted.
+    over), ``total_s`` (its wall-clock time in the ring) and ``comm_only_s`` (the same
+    transfers run again without any compute: if ``total_s`` is close to ``compute_s`` while
+    ``comm_only_s`` is not small, the transfers were hidden behind the compute). ``wait_s``
+    also holds waiting for a slower neighbour (the causal imbalance) and, on a busy machine,
+    for the scheduler. The timed pass follows an untimed one, so that connecting the
+    processes is not counted.
     """
     out, stats = _launch(query, key, value, world_size, is_causal, backend, warmup=True)
-    keys = ("bytes_sent", "compute_s", "wait_s", "blocks_computed", "total_s")
+    keys = ("bytes_sent", "compute_s", "wait_s", "blocks_computed", "total_s", "comm_only_s")
     rows = [dict(zip(keys, row.tolist())) for row in stats]
     for row in rows:
         row["bytes_sent"], row["blocks_computed"] = int(row["bytes_sent"]), int(row["blocks_computed"])

@@ -68,8 +68,10 @@ def attention_with_lse(query: torch.Tensor, key: torch.Tensor, value: torch.Tens
         scale: multiplies the scores; defaults to ``1 / sqrt(d_k)``.
 
     Returns:
-        ``output (..., L_q, d_v)`` and ``lse (..., L_q)``. A query with no allowed key
-        gets a zero output and ``lse = -inf``: merged with other parts it changes nothing.
+        ``output (..., L_q, d_v)`` in the inputs' dtype and ``lse (..., L_q)``, kept in float32
+        for float16/bfloat16 inputs (as FlashAttention keeps it: merging many parts with a
+        half-precision lse loses accuracy). A query with no allowed key gets a zero output
+        and ``lse = -inf``: merged with other parts it changes nothing.
     """
     batch = _check_attention_inputs(query, key, value)
     scale = _scale(scale, query.shape[-1])
@@ -87,7 +89,7 @@ def attention_with_lse(query: torch.Tensor, key: torch.Tensor, value: torch.Tens
     finite = torch.isfinite(lse)
     weights = torch.exp(scores - torch.where(finite, lse, 0.0)[..., None])   # exp(-inf) = 0 when masked
     out = weights @ value.to(acc)
-    return out.to(value.dtype), lse.to(query.dtype)
+    return out.to(value.dtype), lse
 
 
 def merge_attention(outputs: Sequence[torch.Tensor], lses: Sequence[torch.Tensor]
@@ -97,9 +99,10 @@ def merge_attention(outputs: Sequence[torch.Tensor], lses: Sequence[torch.Tensor
     .. math:: \ell = \log \sum_i e^{\ell_i}, \qquad o = \sum_i e^{\ell_i - \ell}\, o_i
 
     Args:
-        outputs: a sequence of ``(..., L_q, d_v)`` partial outputs.
+        outputs: a sequence of ``(..., L_q, d_v)`` partial outputs, all of one dtype.
         lses: the matching sequence of ``(..., L_q)`` log-sum-exps (``-inf`` for a query
-            that had no key in that part: the part then contributes nothing).
+            that had no key in that part: the part then contributes nothing), all of one
+            dtype, which may be wider than the outputs' (float32 for half outputs).
 
     Returns:
         ``(output (..., L_q, d_v), lse (..., L_q))``; a query with no key in any part gets a
@@ -116,20 +119,23 @@ def merge_attention(outputs: Sequence[torch.Tensor], lses: Sequence[torch.Tensor
     for i, (o, s) in enumerate(zip(outputs, lses)):
         _checks.float_tensor(f"outputs[{i}]", o, min_ndim=2)
         _checks.float_tensor(f"lses[{i}]", s, min_ndim=1)
-        _checks.same_dtype_device(**{"outputs[0]": outputs[0], f"outputs[{i}]": o, f"lses[{i}]": s})
+        _checks.same_dtype_device(**{"outputs[0]": outputs[0], f"outputs[{i}]": o})
+        _checks.same_dtype_device(**{"lses[0]": lses[0], f"lses[{i}]": s})
+        if s.device != o.device:
+            raise ValueError(f"lses[{i}] is on {s.device} but outputs[{i}] is on {o.device}")
         if o.shape != outputs[0].shape:
             raise ValueError(f"outputs[{i}] has shape {tuple(o.shape)} but outputs[0] has "
                              f"{tuple(outputs[0].shape)}")
         if s.shape != o.shape[:-1]:
             raise ValueError(f"lses[{i}] must have the shape of outputs[{i}] without its last axis, "
                              f"{tuple(o.shape[:-1])}; got {tuple(s.shape)}")
-    acc = _acc_dtype(outputs[0].dtype)
+    acc = torch.promote_types(_acc_dtype(outputs[0].dtype), _acc_dtype(lses[0].dtype))
     lse_all = torch.stack([s.to(acc) for s in lses])                       # (P, ..., L_q)
     lse = torch.logsumexp(lse_all, dim=0)                                   # (..., L_q)
     safe = torch.where(torch.isfinite(lse), lse, 0.0)
     weights = torch.exp(lse_all - safe)                                     # 0 where a part is empty
     out = sum(w[..., None] * o.to(acc) for w, o in zip(weights, outputs))
-    return out.to(outputs[0].dtype), lse.to(lses[0].dtype)
+    return out.to(outputs[0].dtype), lse.to(_acc_dtype(lses[0].dtype))
 
 
 def online_softmax(scores: torch.Tensor, block: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -214,6 +220,12 @@ def flash_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
     Returns:
         ``(..., L_q, d_v)``, equal to dense softmax attention.
     """
+    out, _ = _flash(query, key, value, is_causal, block_q, block_k, scale)
+    return out
+
+
+def _flash(query, key, value, is_causal, block_q, block_k, scale) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`flash_attention`, also returning the log-sum-exp ``m + log z`` (float32 for half inputs)."""
     batch = _check_attention_inputs(query, key, value)
     block_q = _checks.positive_number("block_q", block_q, integer=True)
     block_k = _checks.positive_number("block_k", block_k, integer=True)
@@ -224,6 +236,7 @@ def flash_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
     k_all = key.expand(*batch, *key.shape[-2:])
     v_all = value.expand(*batch, *value.shape[-2:])
     out = torch.empty(*batch, L_q, d_v, dtype=value.dtype, device=value.device)
+    lse = torch.empty(*batch, L_q, dtype=acc, device=value.device)
     for q0 in range(0, L_q, block_q):
         q1 = min(q0 + block_q, L_q)
         q = q_all[..., q0:q1, :].to(acc) * scale                          # (..., bq, d)
@@ -248,7 +261,8 @@ def flash_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
             o = alpha[..., None] * o + p @ v_all[..., k0:k1, :].to(acc)
             m = m_new
         out[..., q0:q1, :] = (o / torch.where(z > 0, z, 1.0)[..., None]).to(value.dtype)
-    return out
+        lse[..., q0:q1] = torch.where(z > 0, m + torch.log(torch.where(z > 0, z, 1.0)), float("-inf"))
+    return out, lse
 
 
 def standard_hbm_bytes(length: int, head_dim: int, *, bytes_per_value: int = 2) -> int:
@@ -264,6 +278,10 @@ def standard_hbm_bytes(length: int, head_dim: int, *, bytes_per_value: int = 2) 
 
 def flash_hbm_bytes(length: int, head_dim: int, sram_bytes: int, *, bytes_per_value: int = 2) -> int:
     r"""Bytes moved by FlashAttention's forward pass for one head (Dao et al. 2022, Thm. 2).
+
+    This counts the loop order of the paper's Algorithm 1 (key/value tiles outside, queries
+    inside); :func:`flash_attention` uses FlashAttention-2's order (queries outside), which
+    reads each query tile once and the keys and values once per query tile instead.
 
     With SRAM of :math:`M` elements, key/value tiles of :math:`B_c = \lceil M / 4d \rceil`
     rows and query tiles of :math:`B_r = \min(B_c, d)` rows: :math:`K, V` are read once,

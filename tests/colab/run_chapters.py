@@ -83,8 +83,9 @@ def main() -> int:
     check_unchanged(args.before, args.after)
     os.environ.pop("ATTN_COURSE_STATIC", None)
     os.environ.pop("PYTHONPATH", None)
-    import attn_course
     import ipywidgets
+
+    import attn_course
 
     where = Path(attn_course.__file__).resolve()
     if (args.repo / "src").resolve() in where.parents or "site-packages" not in where.parts:

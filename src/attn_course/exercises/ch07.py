@@ -25,7 +25,8 @@ def _gen(seed):
 
 # --- ch07.merge_attention -------------------------------------------------------------------------
 # Mistakes: averaging the two outputs; weighting by exp(lse) without subtracting the max (overflow
-# when scores are large); NaN when one part is empty (lse = -inf); lse as a sum or a max.
+# when scores are large); NaN when one part is empty (lse = -inf), or when both are; lse as a sum
+# or a max.
 
 def _merge_solution(out1, lse1, out2, lse2):
     lse = torch.logaddexp(lse1, lse2)
@@ -54,6 +55,10 @@ def _merge_cases():
     o1, s1 = _attention_with_lse(q, k[:3], v[:3], mask[:, :3])
     o2, s2 = _attention_with_lse(q, k[3:], v[3:], mask[:, 3:])
     cases.append(Case("part 1 empty for one query (lse = -inf)", (o1, s1, o2, s2)))
+    mask[3] = False            # query 3 sees no key at all: zero output, lse = -inf
+    o1, s1 = _attention_with_lse(q, k[:3], v[:3], mask[:, :3])
+    o2, s2 = _attention_with_lse(q, k[3:], v[3:], mask[:, 3:])
+    cases.append(Case("both parts empty for one query (zero output, lse = -inf)", (o1, s1, o2, s2)))
     return cases
 
 
@@ -145,7 +150,8 @@ def _tile_hint(case, got, expected):
 
 # --- ch07.kv_bytes --------------------------------------------------------------------------------
 # Mistakes: forgetting the factor 2 (keys and values); using the query heads instead of the KV heads
-# (GQA); forgetting the batch or the bytes per value.
+# (GQA), or num_heads // num_kv_heads; forgetting the batch or the bytes per value. The cases are
+# chosen so that these give different numbers, and a hint is given only when one mistake fits.
 
 def _kv_solution(num_layers, num_heads, num_kv_heads, head_dim, seq_len, batch_size, bytes_per_value):
     return 2 * num_layers * num_kv_heads * head_dim * seq_len * batch_size * bytes_per_value
@@ -158,24 +164,28 @@ def _kv_expected(num_layers, num_heads, num_kv_heads, head_dim, seq_len, batch_s
 def _kv_cases():
     return [Case(f"layers {a}, heads {b}, kv heads {c}, head_dim {d}, L {e}, batch {f}, {g} bytes",
                  (a, b, c, d, e, f, g))
-            for a, b, c, d, e, f, g in ((32, 32, 8, 128, 8192, 1, 2),     # a Llama-3-8B-like config, GQA
-                                        (12, 12, 12, 64, 1024, 4, 4),     # GPT-2-small-like, MHA, float32
+            for a, b, c, d, e, f, g in ((32, 32, 4, 128, 8192, 3, 1),     # GQA with 4 KV heads, an 8-bit cache: each mistake differs
+                                        (12, 12, 12, 64, 1024, 3, 4),     # GPT-2-small-like, MHA, float32
                                         (24, 16, 1, 128, 32768, 2, 2),    # MQA
                                         (2, 4, 2, 16, 10, 3, 1))]
 
 
 def _kv_hint(case, got, expected):
     L_, H, G, d, T, B, nb = case.args
-    if not isinstance(got, (int, float)):
+    if not isinstance(got, (int, float)) or isinstance(got, bool):
         return None
-    if got * 2 == expected:
-        return "a cache stores keys AND values: twice the bytes of the keys."
-    if G != H and got == expected * H // G:
-        return "with grouped-query attention only num_kv_heads heads of keys and values are cached."
-    if got * B == expected and B > 1:
-        return "every sequence in the batch has its own cache: multiply by batch_size."
-    if got * nb == expected and nb > 1:
-        return "count bytes, not values: multiply by bytes_per_value."
+    mistakes = {   # what each usual mistake gives on this case: hint only when one of them matches
+        "a cache stores keys AND values: twice the bytes of the keys.": expected / 2,
+        "with grouped-query attention only num_kv_heads heads of keys and values are cached.": expected * H / G,
+        "the number of KV heads is num_kv_heads itself, not num_heads // num_kv_heads.": expected * (H // G) / G,
+        "every sequence in the batch has its own cache: multiply by batch_size.": expected / B,
+        "count bytes, not values: multiply by bytes_per_value.": expected / nb,
+    }
+    matches = [hint for hint, value in mistakes.items() if value != expected and got == value]
+    if len(matches) == 1:
+        return matches[0]
+    if matches:
+        return "this value fits several mistakes: " + " Or: ".join(matches)
     return None
 
 
@@ -245,10 +255,10 @@ def _ring_hint(case, got, expected):
 EXERCISES = [
     Exercise("ch07.merge_attention",
              "merge_attention(out1 (..., L_q, d_v), lse1 (..., L_q), out2, lse2) -> (out, lse)",
-             _merge_cases, _merge_expected, _merge_solution, _merge_hint, atol=1e-8, rtol=1e-8),
+             _merge_cases, _merge_expected, _merge_solution, _merge_hint, atol=1e-6, rtol=1e-5),
     Exercise("ch07.flash_tile_step",
              "flash_tile_step(m (bq,), z (bq,), o (bq, d_v), scores (bq, bk), value (bk, d_v)) -> (m, z, o)",
-             _tile_cases, _tile_expected, _tile_solution, _tile_hint, atol=1e-8, rtol=1e-8),
+             _tile_cases, _tile_expected, _tile_solution, _tile_hint, atol=1e-6, rtol=1e-5),
     Exercise("ch07.kv_bytes",
              "kv_bytes(num_layers, num_heads, num_kv_heads, head_dim, seq_len, batch_size, bytes_per_value) -> int",
              _kv_cases, _kv_expected, _kv_solution, _kv_hint, atol=0, rtol=0),
