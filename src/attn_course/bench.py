@@ -37,11 +37,16 @@ from torch.utils import benchmark
 
 from . import basics, flash, get_device, sparse
 
+__all__ = ["machine", "seconds", "sdpa", "reference_results", "peak_memory_mib", "peak_tensor_bytes",
+           "matmul_peak_gflops", "run_one", "sparse_table", "plot", "run_sparse", "run_flash_one", "run_flash",
+           "flash_table", "run_ring", "ring_table", "flash_reference_results", "main"]
+
 B, H, D, WINDOW, BLOCK, GLOBALS = 1, 8, 64, 256, 64, 16
 LENGTHS = (1024, 2048, 4096, 8192, 16384)
 
 
 def machine() -> str:
+    """One line naming this machine: platform, processor or GPU, device, torch, CPU threads."""
     dev = get_device()
     name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else platform.processor() or platform.machine()
     return (f"{platform.platform()} | {name} | device {dev.type} | torch {torch.__version__} | "
@@ -537,6 +542,7 @@ def flash_reference_results() -> dict:
 
 
 def run_sparse(lengths, out_dir: Path, timeout: int = 600, methods=None) -> list[dict]:
+    """Every chapter-6 method (or ``methods``) at every length, each in a fresh process."""
     available = list(_methods())
     unknown = set(methods or []) - set(available)
     if unknown:
@@ -563,6 +569,7 @@ def run_sparse(lengths, out_dir: Path, timeout: int = 600, methods=None) -> list
 
 
 def main(argv=None) -> int:
+    """``python -m attn_course.bench``: run the benchmarks and write JSON, tables and plots."""
     parser = argparse.ArgumentParser(prog="python -m attn_course.bench", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="lengths up to 4k, shorter runs")

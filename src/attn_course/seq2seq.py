@@ -112,6 +112,8 @@ class Seq2Seq(nn.Module):
         self.readout = nn.Linear(2 * hidden_dim if attention else hidden_dim, vocab_size)
 
     def encode(self, source):
+        """Encoder states ``(B, S, H)`` of ``source (B, S)`` ids, and the summary ``(1, B, H)``
+        (both directions' last states) that starts the decoder."""
         states, last = self.encoder(self.embed(source))                    # (B, S, H), (2, B, H/2)
         return states, torch.cat([last[0], last[1]], dim=-1)[None]          # summary: (1, B, H)
 

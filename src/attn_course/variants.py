@@ -151,9 +151,11 @@ class MarkerSelector(nn.Module):
         self.register_buffer("baseline", torch.tensor(0.0))
 
     def scores(self, x):
+        """Selection scores, one per position: ``x (B, L, F) -> (B, L)``."""
         return self.scorer(x).squeeze(-1)                                # (B, L)
 
     def select(self, x):
+        """Weights over positions ``(B, L)``: the softmax of the scores (soft), else a one-hot argmax."""
         s = self.scores(x)
         if self.mode == "soft":
             return torch.softmax(s, -1)
@@ -164,6 +166,13 @@ class MarkerSelector(nn.Module):
         return self.classifier((w[..., None] * x).sum(1)), w
 
     def loss(self, x, y, generator=None):
+        """Training loss and accuracy on ``(x (B, L, F), y (B,))``.
+
+        Soft: cross-entropy through the softmax weights. Gumbel: a straight-through
+        Gumbel-softmax sample (Jang et al., 2017). REINFORCE: a sampled position and the
+        score-function term ``(loss - baseline) log p`` (Williams, 1992), with a running-mean
+        baseline updated after each call.
+        """
         s = self.scores(x)
         if self.mode == "soft":
             w = torch.softmax(s, -1)
