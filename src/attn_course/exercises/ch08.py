@@ -1,0 +1,335 @@
+"""Chapter 8 exercises: the MLA cache, the absorbed query, one delta-rule step, causal linear
+attention, a causal top-k selection mask, and the global layers of a local/global stack.
+
+The expected answers come from :mod:`attn_course.modern`, bound here when the module is imported
+(a learner who rebinds ``modern.linear_attention`` in a notebook cannot change what is
+expected). Each exercise lists the mistakes learners make and which case catches each; a hint
+is given only when the wrong answer matches one of those mistakes.
+"""
+
+from __future__ import annotations
+
+import math
+from types import SimpleNamespace
+
+import torch
+import torch.nn.functional as F
+
+from .. import modern
+from ._core import Case, Exercise
+
+# the package's answers, bound at import time
+_kv_cache_bytes_at = modern.kv_cache_bytes_at
+_AttentionConfig = modern.AttentionConfig
+_absorbed_weights = modern.MultiHeadLatentAttention.absorbed_weights
+_delta_rule_step = modern.delta_rule_step
+_linear_attention = modern.linear_attention
+_indexer_topk_mask = modern.indexer_topk_mask
+_global_layers = modern.global_layers
+
+
+def _gen(seed: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+def _same(got, candidate) -> bool:
+    return (isinstance(got, torch.Tensor) and got.shape == candidate.shape
+            and torch.allclose(got.to(candidate.dtype), candidate, atol=1e-6, rtol=1e-5, equal_nan=True))
+
+
+# --- ch08.mla_cache_bytes ---------------------------------------------------------------------
+# Mistakes, and the cases that catch them:
+#   - caching keys AND values (x 2, the MHA habit): every case;
+#   - one latent per head (x num_heads): the cases with several heads;
+#   - a rope key per head (d_c + H d_R): cases 1, 2 and 4 (heads > 1 and rope_dim > 0);
+#   - forgetting the rope key: cases 1, 2 and 4 (rope_dim > 0);
+#   - forgetting the layers: every case but 3.
+
+def _mla_bytes_solution(num_layers, num_heads, kv_latent_dim, rope_dim, bytes_per_value):
+    # per layer and token: the latent and the decoupled rope key, both shared by all heads
+    return num_layers * (kv_latent_dim + rope_dim) * bytes_per_value
+
+
+def _mla_bytes_expected(num_layers, num_heads, kv_latent_dim, rope_dim, bytes_per_value):
+    config = _AttentionConfig("exercise", "MLA", num_layers, kv_latent_dim=kv_latent_dim, rope_dim=rope_dim)
+    return _kv_cache_bytes_at(config, 1, bytes_per_value=bytes_per_value)
+
+
+def _mla_bytes_cases():
+    return [Case(f"{n} layers, {h} heads, d_c = {c}, d_R = {r}, {b} bytes per value", (n, h, c, r, b))
+            for n, h, c, r, b in ((60, 128, 512, 64, 2),    # DeepSeek-V2 in bfloat16
+                                  (61, 128, 512, 64, 1),    # DeepSeek-V3 in FP8
+                                  (1, 1, 16, 0, 4),
+                                  (4, 8, 32, 8, 2),
+                                  (3, 2, 64, 0, 4))]
+
+
+def _mla_bytes_hint(case, got, expected):
+    n, h, c, r, b = case.args
+    if got == 2 * expected:
+        return "the latent is cached once: keys AND values are both rebuilt from it (no factor 2)."
+    if h > 1 and got == h * expected:
+        return "the latent (and the rope key) is shared by all heads: do not multiply by num_heads."
+    if r and got == n * (c + h * r) * b:
+        return "the decoupled rope key is shared by all heads; only the rope *queries* are per head."
+    if r and got == n * c * b:
+        return "each token also caches its decoupled rope key (rope_dim numbers)."
+    if n > 1 and got == (c + r) * b:
+        return "every layer has its own cache: multiply by num_layers."
+    return None
+
+
+# --- ch08.absorbed_query_weight ---------------------------------------------------------------
+# Mistakes: the transpose W_q[h]^T W_uk[h] (E x d_c; cases 1, 2, 4 have a different shape,
+# case 3 has E = d_c and a transposed value); no split into heads (W_uk^T W_q: a wrong
+# shape in every case); splitting the rows into heads the interleaved way (row r to head
+# r % H) instead of in contiguous blocks: cases 1, 2 and 3 (one head, case 4, cannot tell).
+
+def _absorbed_solution(W_q, W_uk, num_heads):
+    H = num_heads
+    w_q = W_q.reshape(H, -1, W_q.shape[-1])          # (H, d_h, E): head h owns rows h*d_h .. (h+1)*d_h
+    w_uk = W_uk.reshape(H, -1, W_uk.shape[-1])       # (H, d_h, d_c)
+    return w_uk.transpose(1, 2) @ w_q                # (H, d_c, E): x -> head h's query in latent space
+
+
+def _absorbed_expected(W_q, W_uk, num_heads):
+    HD, E = W_q.shape
+    d_c = W_uk.shape[1]
+    zeros = torch.zeros(HD, d_c, dtype=W_q.dtype)
+    module = SimpleNamespace(num_heads=num_heads, head_dim=HD // num_heads, rope_dim=0, embed_dim=E,
+                             kv_latent_dim=d_c, q_proj=SimpleNamespace(weight=W_q),
+                             k_up=SimpleNamespace(weight=W_uk), v_up=SimpleNamespace(weight=zeros),
+                             out_proj=SimpleNamespace(weight=zeros.new_zeros(E, HD)))
+    return _absorbed_weights(module)[0]
+
+
+def _absorbed_cases():
+    g = _gen(80)
+    cases = []
+    for H, d_h, E, d_c in ((2, 3, 5, 4), (4, 2, 6, 3), (3, 4, 8, 8), (1, 4, 3, 5)):
+        W_q = torch.randn(H * d_h, E, generator=g, dtype=torch.float64)
+        W_uk = torch.randn(H * d_h, d_c, generator=g, dtype=torch.float64)
+        cases.append(Case(f"{H} heads of {d_h}, E = {E}, d_c = {d_c}", (W_q, W_uk, H)))
+    return cases
+
+
+def _absorbed_hint(case, got, expected):
+    W_q, W_uk, H = case.args
+    if _same(got, expected.transpose(1, 2)):
+        return ("transposed: A[h] = W_uk[h]^T W_q[h] maps x (E numbers) to a query in latent space "
+                "(d_c numbers), so it is (d_c, E).")
+    d_h = W_q.shape[0] // H
+    interleaved = (W_uk.reshape(d_h, H, -1).transpose(0, 1).transpose(1, 2)
+                   @ W_q.reshape(d_h, H, -1).transpose(0, 1))
+    if H > 1 and _same(got, interleaved):
+        return "head h owns the contiguous rows h*d_h .. (h+1)*d_h: reshape to (H, d_h, ...), not (d_h, H, ...)."
+    return None
+
+
+# --- ch08.delta_rule_step ---------------------------------------------------------------------
+# Mistakes: the additive (linear attention) update g S + b v k^T, no erasing (every case);
+# the gate left out of the erase term, g S + b (v - S k) k^T (cases 2, 4, 5: gate < 1);
+# the gate applied to the new write too, g (S + b (v - S k) k^T) (cases 2, 4, 5); beta left
+# out of the write, g S (I - b k k^T) + v k^T (every case with beta < 1); the outer product
+# transposed, k v^T (cases 1-3 have d_k != d_v, a wrong shape; cases 4 and 5 a wrong value);
+# beta or gate broadcast along the wrong axes (cases 4 and 5 vary them per batch and head).
+
+def _delta_solution(state, key, value, beta, gate):
+    g, b = gate[..., None, None], beta[..., None, None]               # (..., 1, 1)
+    read = state @ key[..., :, None]                                   # (..., d_v, 1): what S returns for k
+    return g * state + b * (value[..., :, None] - g * read) * key[..., None, :]
+
+
+def _delta_cases():
+    g = _gen(81)
+
+    def unit(*shape):
+        return F.normalize(torch.randn(*shape, generator=g, dtype=torch.float64), dim=-1)
+
+    def rand(*shape):
+        return torch.rand(*shape, generator=g, dtype=torch.float64)
+
+    one = torch.ones((), dtype=torch.float64)
+    return [
+        Case("one head, beta = 1, gate = 1, d_v = 3, d_k = 4",
+             (torch.randn(3, 4, generator=g, dtype=torch.float64), unit(4), torch.randn(3, generator=g,
+              dtype=torch.float64), one, one)),
+        Case("(B, H) = (2, 3), beta = 0.7, gate = 0.5",
+             (torch.randn(2, 3, 3, 4, generator=g, dtype=torch.float64), unit(2, 3, 4),
+              torch.randn(2, 3, 3, generator=g, dtype=torch.float64), torch.full((2, 3), 0.7, dtype=torch.float64),
+              torch.full((2, 3), 0.5, dtype=torch.float64))),
+        Case("beta = 0: nothing is written, the state only decays",
+             (torch.randn(1, 2, 3, 5, generator=g, dtype=torch.float64), unit(1, 2, 5),
+              torch.randn(1, 2, 3, generator=g, dtype=torch.float64), torch.zeros(1, 2, dtype=torch.float64),
+              torch.full((1, 2), 0.9, dtype=torch.float64))),
+        Case("d_v = d_k = 4, beta and gate differ per batch and head",
+             (torch.randn(2, 2, 4, 4, generator=g, dtype=torch.float64), unit(2, 2, 4),
+              torch.randn(2, 2, 4, generator=g, dtype=torch.float64), rand(2, 2), rand(2, 2))),
+        Case("(B, H) = (3, 1), d_v = d_k = 6, random beta and gate",
+             (torch.randn(3, 1, 6, 6, generator=g, dtype=torch.float64), unit(3, 1, 6),
+              torch.randn(3, 1, 6, generator=g, dtype=torch.float64), rand(3, 1), rand(3, 1))),
+    ]
+
+
+def _delta_hint(case, got, expected):
+    S, k, v, beta, gate = case.args
+    g, b = gate[..., None, None], beta[..., None, None]
+    Sk, outer = S @ k[..., :, None], v[..., :, None] * k[..., None, :]
+    if _same(got, g * S + b * outer):
+        return "that is the additive (linear attention) update: first erase what S holds for k, b (g S k) k^T."
+    if _same(got, g * S + b * (v[..., :, None] - Sk) * k[..., None, :]):
+        return "decay the state before reading it: the correction is v - g S k, not v - S k."
+    if _same(got, g * (S + b * (v[..., :, None] - Sk) * k[..., None, :])):
+        return "the gate decays the old state only; the new write b v k^T is not decayed."
+    if _same(got, g * S - g * b * Sk * k[..., None, :] + outer):
+        return "beta scales the write too: + b v k^T."
+    if got.shape == expected.shape and _same(got, g * S - g * b * Sk * k[..., None, :] + b * outer.transpose(-2, -1)):
+        return "the write is the outer product v k^T (d_v x d_k), not k v^T."
+    return None
+
+
+# --- ch08.causal_linear_attention -------------------------------------------------------------
+# Mistakes: summing over all keys, not a prefix (cases with L > 1); an exclusive prefix that
+# leaves out the current token (cases with L > 1; the first query then divides 0 by 0); no
+# normaliser (every case); another feature map than elu + 1, e.g. relu or exp (every case);
+# softmax attention itself (every case with L > 1).
+
+def _linear_solution(query, key, value):
+    phi_q, phi_k = F.elu(query) + 1, F.elu(key) + 1                        # (..., L, d), positive
+    state = torch.cumsum(phi_k[..., :, :, None] * value[..., :, None, :], dim=-3)  # (..., L, d, d_v)
+    z = torch.cumsum(phi_k, dim=-2)                                        # (..., L, d)
+    num = (phi_q[..., :, :, None] * state).sum(-2)                         # phi(q_i)^T S_i
+    den = (phi_q * z).sum(-1, keepdim=True)                                # phi(q_i)^T z_i
+    return num / den
+
+
+def _linear_cases():
+    g = _gen(82)
+    r = lambda *s: torch.randn(*s, generator=g, dtype=torch.float64)  # noqa: E731
+    return [Case(f"(B, H, L, d) = {s}, d_v = {dv}", (r(*s), r(*s), r(*s[:-1], dv)))
+            for s, dv in (((1, 1, 5, 3), 2), ((2, 2, 8, 4), 3), ((1, 1, 1, 4), 4), ((1, 3, 17, 8), 5))]
+
+
+def _linear_hint(case, got, expected):
+    q, k, v = case.args
+    fq, fk = F.elu(q) + 1, F.elu(k) + 1
+    scores = fq @ fk.transpose(-2, -1)                                     # (..., L, L)
+    causal = scores.tril()
+    L = q.shape[-2]
+    if L > 1 and _same(got, (scores @ v) / scores.sum(-1, keepdim=True)):
+        return "each query may use only the keys up to its own position: prefix sums (cumsum), not one sum."
+    if L > 1 and got.shape == expected.shape and torch.allclose(got[..., 1:, :].to(q.dtype),
+                                                                ((scores.tril(-1) @ v) / scores.tril(-1).sum(
+                                                                    -1, keepdim=True))[..., 1:, :]):
+        return "include the current token: the prefix runs over j <= i (an inclusive cumsum)."
+    if _same(got, causal @ v):
+        return "divide by the normaliser phi(q_i) . z_i with z_i = sum_{j<=i} phi(k_j)."
+    for name, phi in (("relu", F.relu), ("exp", torch.exp), ("the identity", lambda x: x)):
+        s = (phi(q) @ phi(k).transpose(-2, -1)).tril()
+        with torch.no_grad():
+            cand = (s @ v) / s.sum(-1, keepdim=True)
+        if _same(got, cand):
+            return f"the feature map is phi(x) = elu(x) + 1, not {name}."
+    soft = torch.softmax((q @ k.transpose(-2, -1) / math.sqrt(q.shape[-1])).masked_fill(
+        ~torch.ones(L, L, dtype=torch.bool).tril(), float("-inf")), -1) @ v
+    if L > 1 and _same(got, soft):
+        return "that is softmax attention: replace exp(q . k / sqrt(d)) by phi(q) . phi(k)."
+    return None
+
+
+# --- ch08.indexer_topk_mask -------------------------------------------------------------------
+# Mistakes: topk before the causal mask, so queries pick future keys (every case with k < L);
+# masking with -inf and keeping every top-k slot, so early queries with fewer than k allowed
+# keys mark future keys (every case with k > 1); the k lowest scores (every case); forgetting
+# that k may exceed L (case 5); the convention inverted, True for the keys left out (every case).
+
+def _topk_mask_solution(scores, k):
+    L_q, L_k = scores.shape[-2:]
+    causal = torch.ones(L_q, L_k, dtype=torch.bool).tril()
+    masked = scores.masked_fill(~causal, float("-inf"))                    # the future is never a candidate
+    top = masked.topk(min(k, L_k), dim=-1).indices
+    mask = torch.zeros(scores.shape, dtype=torch.bool).scatter(-1, top, True)
+    return mask & causal                                                   # early rows have < k allowed keys
+
+
+def _topk_mask_expected(scores, k):
+    return _indexer_topk_mask(scores, k, is_causal=True)
+
+
+def _topk_mask_cases():
+    g = _gen(83)
+    return [Case(f"scores {s}, k = {k}", (torch.randn(*s, generator=g, dtype=torch.float64), k))
+            for s, k in (((1, 6, 6), 2), ((2, 8, 8), 3), ((1, 5, 5), 1), ((2, 10, 10), 4), ((1, 4, 4), 9))]
+
+
+def _topk_mask_hint(case, got, expected):
+    scores, k = case.args
+    L = scores.shape[-1]
+    if got.dtype != torch.bool or got.shape != expected.shape:
+        return None
+    if torch.equal(got, ~expected):
+        return "True marks the keys a query selects (and may attend to); your mask is inverted."
+    causal = torch.ones(L, L, dtype=torch.bool).tril()
+    if (got & ~causal).any():
+        plain = torch.zeros_like(got).scatter(-1, scores.topk(min(k, L), -1).indices, True)
+        if torch.equal(got, plain):
+            return "mask the future (set its scores to -inf) before taking the top k."
+        return ("a query with fewer than k allowed keys picked masked (future) keys: keep only "
+                "selections that the causal mask allows (mask & causal).")
+    low = torch.zeros_like(got).scatter(-1, scores.masked_fill(~causal, float("inf")).topk(
+        min(k, L), -1, largest=False).indices, True) & causal
+    if torch.equal(got, low):
+        return "keep the k *highest* scores (topk's default, largest=True)."
+    return None
+
+
+# --- ch08.global_layers -----------------------------------------------------------------------
+# Mistakes: a period of local_per_global instead of local_per_global + 1 (cases 1 to 4);
+# starting with a global layer, i % (r + 1) == 0 (every case but 5); returning the indices of
+# the global layers (a wrong shape or dtype: every case); True for the local layers (every case).
+
+def _global_solution(num_layers, local_per_global):
+    period = local_per_global + 1                  # r local layers, then one global layer
+    return (torch.arange(num_layers) + 1) % period == 0
+
+
+def _global_cases():
+    return [Case(f"{n} layers, {r}:1 local:global", (n, r))
+            for n, r in ((6, 5), (62, 5), (12, 1), (7, 2), (4, 0), (3, 5))]
+
+
+def _global_hint(case, got, expected):
+    n, r = case.args
+    if not isinstance(got, torch.Tensor) or got.dtype != torch.bool or got.shape != expected.shape:
+        return None
+    i = torch.arange(n)
+    if torch.equal(got, ~expected):
+        return "True marks the global layers (those that see the whole sequence); yours marks the local ones."
+    if r > 0 and torch.equal(got, (i + 1) % r == 0):
+        return f"a {r}:1 ratio repeats {r} local layers and 1 global one: the period is {r + 1}."
+    if torch.equal(got, i % (r + 1) == 0):
+        return "the stack starts with local layers: layer i is global when (i + 1) % (r + 1) == 0."
+    return None
+
+
+EXERCISES = [
+    Exercise("ch08.mla_cache_bytes",
+             "mla_cache_bytes(num_layers, num_heads, kv_latent_dim, rope_dim, bytes_per_value) -> int per token",
+             _mla_bytes_cases, _mla_bytes_expected, _mla_bytes_solution, _mla_bytes_hint, atol=0, rtol=0),
+    Exercise("ch08.absorbed_query_weight",
+             "absorbed_query_weight(W_q (H*d_h, E), W_uk (H*d_h, d_c), num_heads) -> (H, d_c, E)",
+             _absorbed_cases, _absorbed_expected, _absorbed_solution, _absorbed_hint, atol=1e-9, rtol=1e-9),
+    Exercise("ch08.delta_rule_step",
+             "delta_rule_step(state (..., d_v, d_k), key (..., d_k), value (..., d_v), beta (...), gate (...)) "
+             "-> new state (..., d_v, d_k)",
+             _delta_cases, _delta_rule_step, _delta_solution, _delta_hint, atol=1e-9, rtol=1e-9),
+    Exercise("ch08.causal_linear_attention",
+             "causal_linear_attention(query, key, value) -> (..., L, d_v), with phi(x) = elu(x) + 1",
+             _linear_cases, _linear_attention, _linear_solution, _linear_hint, atol=1e-9, rtol=1e-7),
+    Exercise("ch08.indexer_topk_mask",
+             "indexer_topk_mask(scores (B, L, L), k) -> (B, L, L) bool: each query's k best keys, causally",
+             _topk_mask_cases, _topk_mask_expected, _topk_mask_solution, _topk_mask_hint),
+    Exercise("ch08.global_layers",
+             "global_layers(num_layers, local_per_global) -> (num_layers,) bool, True = global",
+             _global_cases, _global_layers, _global_solution, _global_hint),
+]
