@@ -29,8 +29,10 @@ def significant(value: float, digits: int = 4) -> float:
     return float(f"{value:.{digits}g}")
 
 
-def glue(name: str, value, *, display: bool = False, digits: int = 4):
-    """Store ``value`` under ``name`` for ``{glue:text}`name``` in the chapter's prose; return it.
+def glue(name: str, value, *, display: bool = False, digits: int = 4) -> None:
+    """Store ``value`` under ``name`` for ``{glue:text}`name``` in the chapter's prose.
+
+    Returns None, so that a ``glue(...)`` at the end of a cell adds no output of its own.
 
     Numbers (Python, NumPy or one-element tensors) are rounded to ``digits``
     significant digits first; strings and other objects are glued as they are.
@@ -49,9 +51,9 @@ def glue(name: str, value, *, display: bool = False, digits: int = 4):
     except ImportError:  # a learner's environment without the book's toolchain
         if display:
             print(value)
-        return value
+        return None
     _myst_glue(name, value, display=display)
-    return value
+    return None
 
 
 def spread(values: Sequence[float], fmt: str = ".2f") -> str:
