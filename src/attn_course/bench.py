@@ -393,6 +393,11 @@ def plot(results: list[dict], path: Path | None = None, ax=None):
 
 FLASH_LENGTHS = (2048, 4096, 8192, 16384)
 FLASH_BLOCK = 256
+# Chapter 7 times every method on one thread: a Python loop of small parallel operations
+# (our tiles) is slowed many times over by OpenMP threads spinning for a core that another
+# process holds, which a fused kernel is not; one thread each keeps the ratio a property of
+# the methods, not of the machine's load. (`--flash-threads` changes it.)
+FLASH_THREADS = 1
 
 
 def _flash_methods():
@@ -408,6 +413,7 @@ def run_flash_one(name: str, L: int) -> dict:
     """Time and peak memory of one chapter-7 method at one length (call it in a fresh process)."""
     fn = _flash_methods()[name]
     dev = get_device()
+    torch.set_num_threads(int(os.environ.get("ATTN_COURSE_BENCH_THREADS", FLASH_THREADS)))
     torch.manual_seed(0)
     q, k, v = (torch.randn(B, H, L, D, device=dev) for _ in range(3))
     with torch.no_grad():
@@ -437,10 +443,10 @@ def run_flash_one(name: str, L: int) -> dict:
         s = s.masked_fill(torch.arange(L, device=dev)[None, :] > rows.to(dev)[:, None], float("-inf"))
         err = (out[:, :, rows].double() - torch.softmax(s, -1) @ v.double()).abs().max().item()
     return {"method": name, "L": L, "seconds": sorted(times)[len(times) // 2], "peak_mib": peak,
-            "max_error": err, "scores_mib": B * H * L * L * 4 / 2**20}
+            "max_error": err, "scores_mib": B * H * L * L * 4 / 2**20, "threads": torch.get_num_threads()}
 
 
-def run_flash(lengths=FLASH_LENGTHS, timeout: int = 900) -> list[dict]:
+def run_flash(lengths=FLASH_LENGTHS, timeout: int = 900, threads: int = FLASH_THREADS) -> list[dict]:
     """Every chapter-7 method at every length, each in a fresh process. Materialised scores are
     skipped where the scores alone would take more than a third of this machine's memory."""
     total_mib = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**20
@@ -454,7 +460,8 @@ def run_flash(lengths=FLASH_LENGTHS, timeout: int = 900) -> list[dict]:
             cmd = [sys.executable, "-m", "attn_course.bench", "--one-flash", name, str(L)]
             try:
                 proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout,
-                                      env={**os.environ, "PYTHONWARNINGS": "ignore"})
+                                      env={**os.environ, "PYTHONWARNINGS": "ignore",
+                                           "ATTN_COURSE_BENCH_THREADS": str(threads)})
             except subprocess.TimeoutExpired:
                 print(f"  {name} at L={L}: timed out after {timeout} s", flush=True)
                 continue
@@ -488,11 +495,21 @@ def flash_table(results: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def run_ring(L: int = 4096, world_size: int = 4) -> list[dict]:
+def run_ring(L: int = 4096, world_size: int = 4, threads: int = FLASH_THREADS) -> list[dict]:
     """Ring attention over 1 and ``world_size`` local gloo processes, causal and not, beside the
-    one-process baselines a skeptic asks for first: fused SDPA and ``flash_attention``."""
+    one-process baselines a skeptic asks for first: fused SDPA and ``flash_attention``; every
+    process (and the baselines) on ``threads`` threads."""
     from .distributed import ring_attention_profile
 
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        return _run_ring(L, world_size, threads, ring_attention_profile)
+    finally:
+        torch.set_num_threads(before)
+
+
+def _run_ring(L, world_size, threads, ring_attention_profile):
     torch.manual_seed(0)
     q, k, v = (torch.randn(B, H, L, D) for _ in range(3))
     rows = []
@@ -505,7 +522,7 @@ def run_ring(L: int = 4096, world_size: int = 4) -> list[dict]:
                          "bytes_sent_per_process": 0, "compute_s": None, "wait_s": None, "comm_only_s": None,
                          "blocks": None, "max_error": (fn() - ref).abs().max().item()})
         for w in (1, world_size):
-            out, stats = ring_attention_profile(q, k, v, w, is_causal=causal)
+            out, stats = ring_attention_profile(q, k, v, w, is_causal=causal, threads=threads)
             rows.append({"method": "ring_attention", "W": w, "causal": causal, "L": L,
                          "seconds": max(s["total_s"] for s in stats),
                          "bytes_sent_per_process": stats[0]["bytes_sent"],
@@ -599,7 +616,8 @@ def main(argv=None) -> int:
         print(f"{L:>6} {ours:>10.3f} {fused:>10.3f} {ratio:>10.2f}x {mb:>12.1f}")
     if "flash" in args.suites:
         flash_lengths = FLASH_LENGTHS[:2] if args.quick else FLASH_LENGTHS
-        print(f"\nChapter 7: exact attention in tiles, causal, B={B}, H={H}, d={D}, each in a fresh process")
+        print(f"\nChapter 7: exact attention in tiles, causal, B={B}, H={H}, d={D}, each in a fresh process, "
+              f"{FLASH_THREADS} thread(s) each")
         flash_results = run_flash(flash_lengths)
         print("\n" + flash_table(flash_results))
         print(f"\nChapter 7: ring attention over local processes (gloo), B={B}, H={H}, d={D}")

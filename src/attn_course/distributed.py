@@ -139,9 +139,10 @@ def _loopback_interface() -> str | None:
     return None  # pragma: no cover - every system the course runs on has one
 
 
-def _worker(rank, world_size, init_file, backend, query, key, value, is_causal, out, stats_out, warmup):
+def _worker(rank, world_size, init_file, backend, query, key, value, is_causal, out, stats_out, warmup,
+            threads):
     # Share the machine's cores between the local processes instead of oversubscribing them.
-    torch.set_num_threads(max(1, (os.cpu_count() or 1) // world_size))
+    torch.set_num_threads(threads or max(1, (os.cpu_count() or 1) // world_size))
     dist.init_process_group(backend, init_method=f"file://{init_file}", rank=rank, world_size=world_size)
     try:
         shard = query.shape[2] // world_size
@@ -169,7 +170,7 @@ def _worker(rank, world_size, init_file, backend, query, key, value, is_causal, 
         dist.destroy_process_group()
 
 
-def _launch(query, key, value, world_size, is_causal, backend, warmup=False):
+def _launch(query, key, value, world_size, is_causal, backend, warmup=False, threads=None):
     _check_qkv(query, key, value)
     for name, x in (("query", query), ("key", key), ("value", value)):
         if x.ndim != 4:
@@ -202,7 +203,7 @@ def _launch(query, key, value, world_size, is_causal, backend, warmup=False):
     with tempfile.TemporaryDirectory(prefix="attn-course-ring-") as tmp:
         try:
             mp.start_processes(_worker, args=(world_size, os.path.join(tmp, "rendezvous"), backend, *inputs,
-                                              bool(is_causal), out, stats, warmup),
+                                              bool(is_causal), out, stats, warmup, threads),
                                nprocs=world_size, join=True, start_method="spawn")
         finally:
             if env_set:
@@ -229,7 +230,8 @@ def run_ring_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tens
 
 
 def ring_attention_profile(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, world_size: int, *,
-                           is_causal: bool = False, backend: str = "gloo") -> tuple[torch.Tensor, list[dict]]:
+                           is_causal: bool = False, backend: str = "gloo",
+                           threads: int | None = None) -> tuple[torch.Tensor, list[dict]]:
     """:func:`run_ring_attention` that also reports, per rank, what the ring cost.
 
     Returns ``(output, stats)`` with one dict per rank: ``bytes_sent`` (key/value bytes it sent),
@@ -240,9 +242,12 @@ def ring_attention_profile(query: torch.Tensor, key: torch.Tensor, value: torch.
     ``comm_only_s`` is not small, the transfers were hidden behind the compute). ``wait_s``
     also holds waiting for a slower neighbour (the causal imbalance) and, on a busy machine,
     for the scheduler. The timed pass follows an untimed one, so that connecting the
-    processes is not counted.
+    processes is not counted. ``threads``: CPU threads per process (default: the machine's
+    cores shared out between the processes).
     """
-    out, stats = _launch(query, key, value, world_size, is_causal, backend, warmup=True)
+    if threads is not None:
+        threads = _checks.positive_number("threads", threads, integer=True)
+    out, stats = _launch(query, key, value, world_size, is_causal, backend, warmup=True, threads=threads)
     keys = ("bytes_sent", "compute_s", "wait_s", "blocks_computed", "total_s", "comm_only_s")
     rows = [dict(zip(keys, row.tolist())) for row in stats]
     for row in rows:
