@@ -137,3 +137,52 @@ def test_modules_run_on_the_meta_device():
     assert add(x, x, x)[0].device.type == "meta" and mul(x, x, x)[0].device.type == "meta"
     ids = torch.zeros(2, 5, dtype=torch.long, device="meta")
     assert tiny(ids)[0].device.type == "meta"
+
+
+def test_more_public_functions_and_models_stay_on_the_meta_device():
+    """Everything else that takes tensors: nothing may be created on the CPU behind the caller's back."""
+    from attn_course import interpret, modern, positional, seq2seq, variants
+    from attn_course.multihead import GroupedQueryAttention, MultiHeadAttention
+
+    meta = torch.device("meta")
+    x = torch.randn(2, 6, 16, device=meta)
+    assert positional.apply_rope(torch.randn(2, 3, 6, 8, device=meta)).device == meta
+    assert positional.apply_rope(torch.randn(2, 6, 8, device=meta), torch.arange(6, device=meta)).device == meta
+    assert basics.masked_softmax(x, torch.ones(6, 16, dtype=torch.bool, device=meta)).device == meta
+    assert variants.gumbel_softmax(torch.randn(2, 6, device=meta), hard=True).device == meta
+    assert interpret.attention_rollout([torch.rand(2, 6, 6, device=meta)] * 2).device == meta
+    # (seq2seq.padding_mask is left out: it checks the lengths' values, which need data)
+    with torch.device("meta"):
+        mha, gqa = MultiHeadAttention(16, 4), GroupedQueryAttention(16, 4, 2)
+        mla = modern.MultiHeadLatentAttention(16, 4, 8, rope_dim=4)
+        self_attn, cross = seq2seq.SelfAttention(16, 4), seq2seq.CrossAttention(16, 16, 4)
+        psas = [positional.PositionalSelfAttention(16, 4, enc) for enc in ("rope", "relative", "alibi")]
+    assert mha(x, x, x)[0].device == meta and gqa(x)[0].device == meta
+    out, cache = mla(x)
+    assert out.device == meta and mla(x[:, :1], cache=cache)[0].device == meta
+    assert mla(x, absorb=True)[0].device == meta
+    assert self_attn(x)[0].device == meta and cross(x, x)[0].device == meta
+    assert all(psa(x)[0].device == meta for psa in psas)
+
+
+@pytest.mark.parametrize("module_name", ["mha", "gqa_free", "mla"])
+def test_modules_give_the_same_result_for_aliased_and_cloned_inputs(module_name):
+    from attn_course import modern
+    from attn_course.multihead import MultiHeadAttention
+
+    torch.manual_seed(0)
+    x = torch.randn(2, 7, 16, dtype=torch.float64)
+    if module_name == "mha":
+        m = MultiHeadAttention(16, 4).double()
+        a, b = m(x, x, x)[0], m(x.clone(), x.clone(), x.clone())[0]
+        c = m(x.transpose(0, 1).contiguous().transpose(0, 1), x, x)[0]
+    elif module_name == "gqa_free":
+        m = MultiHeadAttention(16, 4).double()
+        a, b = m(x, x, x, is_causal=True)[0], m(x[:1].expand(2, -1, -1), x, x, is_causal=True)[0][:1]
+        a, c = a[:1], m(x[:1], x[:1], x[:1], is_causal=True)[0]
+    else:
+        m = modern.MultiHeadLatentAttention(16, 4, 8, rope_dim=4).double()
+        a, b = m(x)[0], m(x.clone())[0]
+        c = m(x.transpose(0, 1).contiguous().transpose(0, 1))[0]
+    torch.testing.assert_close(a, b)
+    torch.testing.assert_close(a, c)
