@@ -35,6 +35,8 @@ def test_a_slightly_wrong_answer_is_rejected(name, capsys):
             return (out[0] + 1e-2, *out[1:])
         if isinstance(out, int):
             return out + 1
+        if isinstance(out, float):
+            return out * 1.01 + 1e-2
         if out.dtype == torch.bool:
             return ~out
         if not out.is_floating_point():
@@ -42,7 +44,7 @@ def test_a_slightly_wrong_answer_is_rejected(name, capsys):
         return out + 1e-2
 
     assert check(name, off_by_a_bit) is False
-    words = "differs from the answer|times that|Hint"
+    words = "differs from the answer|off by|Hint"
     assert re.search(words, capsys.readouterr().out)
     with pytest.raises(AssertionError, match=words):
         check(name, off_by_a_bit, strict=True)
@@ -95,7 +97,7 @@ def test_nan_and_wrong_shapes_are_reported(name, capsys):
 
     def nan_answer(*args, **kwargs):
         out = ref(*args, **kwargs)
-        if isinstance(out, int):
+        if isinstance(out, (int, float)):
             return float("nan")
         if isinstance(out, tuple):
             return tuple(torch.full_like(o, float("nan")) for o in out)
@@ -103,7 +105,7 @@ def test_nan_and_wrong_shapes_are_reported(name, capsys):
 
     def wrong_shape(*args, **kwargs):
         out = ref(*args, **kwargs)
-        if isinstance(out, int):
+        if isinstance(out, (int, float)):
             return [out]
         if isinstance(out, torch.Tensor) and out.ndim == 0:
             return out.repeat(2)
@@ -269,3 +271,892 @@ def test_chapter_two_hints(capsys):
     assert "lower triangle" in capsys.readouterr().out
     assert check("ch02.causal_mask", lambda n: torch.ones(n, n, dtype=torch.bool).tril(-1)) is False
     assert "keep the diagonal" in capsys.readouterr().out
+
+
+# --- the course as a whole ------------------------------------------------------------------------
+
+def test_at_least_forty_auto_checked_exercises_and_four_per_chapter():
+    assert len(NAMES) >= 40
+    chapters = {n[:4] for n in NAMES}
+    for ch in chapters:
+        assert sum(n.startswith(ch + ".") for n in NAMES) >= 4, ch
+
+
+# --- chapters 1-6 and 9: the mistakes learners make, each rejected with a hint that names it -------
+# One row per mistake listed above each exercise in attn_course/exercises/chNN.py:
+# (exercise, wrong answer, words the feedback must contain, words it must not contain).
+
+def _sm(s, m, dim=-1):
+    return torch.softmax(s.masked_fill(~m, -math.inf), dim)
+
+
+def _nw_kernel(kernel):
+    def nw(x, y, q, h):
+        w = torch.softmax(kernel(q[:, None] - x[None, :], h), 1)
+        return w @ y, w
+    return nw
+
+
+def _nw_dim0(x, y, q, h):
+    w = torch.softmax(-0.5 * ((q[:, None] - x[None, :]) / h) ** 2, 0)
+    return w @ y, w
+
+
+def _nw_unnormalised(x, y, q, h):
+    w = torch.exp(-0.5 * ((q[:, None] - x[None, :]) / h) ** 2)
+    return w @ y, w
+
+
+def _nw_naive(x, y, q, h):
+    w = torch.exp(-0.5 * ((q[:, None] - x[None, :]) / h) ** 2)
+    w = w / w.sum(1, keepdim=True)
+    return w @ y, w
+
+
+def _nw_bad_prediction(x, y, q, h):
+    w = torch.softmax(-0.5 * ((q[:, None] - x[None, :]) / h) ** 2, 1)
+    return w.sum(1) * y.mean(), w
+
+
+def _fit(*, accumulate=False, on="log_h", log=False, reduce="mean", sign=1.0, queries="val"):
+    def fit(x, y, xv, yv, steps, lr):
+        p = torch.zeros((), requires_grad=True) if on == "log_h" else torch.ones((), requires_grad=True)
+        xq, yq = (xv, yv) if queries == "val" else (x, y)
+        for _ in range(steps):
+            h = p.exp() if on == "log_h" else p
+            pred = torch.softmax(-0.5 * ((xq[:, None] - x[None, :]) / h) ** 2, 1) @ y
+            err = (pred - yq) ** 2
+            (err.mean() if reduce == "mean" else err.sum()).backward()
+            with torch.no_grad():
+                p -= sign * lr * p.grad
+            if not accumulate:
+                p.grad = None
+        h = (p.exp() if on == "log_h" else p).detach()
+        return float(h.log()) if log else float(h)
+    return fit
+
+
+def _ms_max_over_all(s, m):
+    e = torch.exp(s - s.amax(-1, keepdim=True)) * m
+    return (e / e.sum(-1, keepdim=True)).nan_to_num()
+
+
+def _ms_no_max(s, m):
+    e = torch.exp(s) * m
+    return e / e.sum(-1, keepdim=True).clamp_min(1e-30)
+
+
+def _sdpa(scale=None, dim=-1, fill=-math.inf, invert=False, values="value", nan_rows=False, swap=False,
+          use_mask=True):
+    def attention(q, k, v, mask=None):
+        d_k = q.shape[-1]
+        s = q @ k.transpose(-2, -1) * (1 / math.sqrt(d_k) if scale is None else scale(q, v))
+        if mask is not None and use_mask:
+            s = s.masked_fill(mask if invert else ~mask, fill)
+        w = torch.softmax(s, dim)
+        if not nan_rows:
+            w = w.nan_to_num()
+        out = w @ (v if values == "value" else k)
+        return (w, out) if swap else (out, w)
+    return attention
+
+
+def _sdpa_bmm(q, k, v, mask=None):
+    s = torch.bmm(q, k.transpose(1, 2)) / math.sqrt(q.shape[-1])
+    if mask is not None:
+        s = s.masked_fill(~mask, -math.inf)
+    w = torch.softmax(s, -1).nan_to_num()
+    return torch.bmm(w, v), w
+
+
+def _additive(form):
+    def scores(q, k, W_q, W_k, w_v):
+        qq, kk = q @ W_q.T, k @ W_k.T
+        hidden = qq[:, None, :] + kk[None, :, :]
+        if form == "separate tanh":
+            return (torch.tanh(qq)[:, None] + torch.tanh(kk)[None]) @ w_v
+        if form == "sum":
+            return torch.tanh(hidden).sum(-1)
+        if form == "softmax":
+            return torch.softmax(torch.tanh(hidden) @ w_v, -1)
+        if form == "untransposed":
+            return torch.tanh((q @ W_q)[:, None] + (k @ W_k)[None]) @ w_v
+        if form == "transposed":
+            return (torch.tanh(hidden) @ w_v).T
+        return hidden @ w_v
+    return scores
+
+
+def _cross(form):
+    def cross(x, c, W_q, W_k, W_v):
+        q, k, v = x @ W_q.T, c @ W_k.T, c @ W_v.T
+        scale = 1 / math.sqrt(q.shape[-1])
+        if form == "roles":       # queries from the context, keys and values from x
+            q, k, v = c @ W_q.T, x @ W_k.T, x @ W_v.T
+        if form == "sqrt E":
+            scale = 1 / math.sqrt(x.shape[-1])
+        if form == "no scale":
+            scale = 1.0
+        if form == "kv swapped":
+            k, v = c @ W_v.T, c @ W_k.T
+        if form == "untransposed":
+            q, k, v = x @ W_q, c @ W_k, c @ W_v
+        dim = -2 if form == "dim" else -1
+        return torch.softmax(q @ k.transpose(-2, -1) * scale, dim) @ v
+    return cross
+
+
+def _decoder(form):
+    def step(state, enc, mask, W, b):
+        s = (enc @ state[:, :, None])[:, :, 0]
+        if form != "no scale":
+            s = s / math.sqrt(state.shape[-1])
+        if form != "no mask":
+            s = s.masked_fill(mask if form == "inverted" else ~mask, -math.inf)
+        w = torch.softmax(s, -1).nan_to_num()
+        c = enc.mean(1) if form == "mean" else (w[:, :, None] * enc).sum(1)
+        x = torch.cat([c, state] if form == "order" else [state, c], -1)
+        logits = x @ W.T + (0 if form == "no bias" else b)
+        return logits, (w[:, None, :] if form == "3-D weights" else w)
+    return step
+
+
+def _gumbel(form):
+    def sample(logits, u, tau):
+        g = -torch.log(-torch.log(u))
+        return {"-log u": lambda: torch.softmax((logits - torch.log(u)) / tau, -1),
+                "sign": lambda: torch.softmax((logits - g) / tau, -1),
+                "no tau": lambda: torch.softmax(logits + g, -1),
+                "times tau": lambda: torch.softmax((logits + g) * tau, -1),
+                "logits only": lambda: torch.softmax(logits / tau + g, -1),
+                "dim 0": lambda: torch.softmax((logits + g) / tau, 0),
+                "no noise": lambda: torch.softmax(logits / tau, -1)}[form]()
+    return sample
+
+
+def _straight_through(form):
+    def sample(logits, u, tau):
+        g = -torch.log(-torch.log(u))
+        y = torch.softmax((logits + g) / tau, -1)
+        hard = torch.nn.functional.one_hot(y.argmax(-1), y.shape[-1]).to(y.dtype)
+        if form == "soft":
+            return y
+        if form == "hard only":
+            return hard
+        if form == "no detach":
+            return hard - y + y
+        if form == "argmax of logits":
+            plain = torch.nn.functional.one_hot(logits.argmax(-1), y.shape[-1]).to(y.dtype)
+            return plain - y.detach() + y
+        if form == "no tau in the gradient":
+            y1 = torch.softmax(logits + g, -1)
+            return hard - y1.detach() + y1
+        return hard.long()
+    return sample
+
+
+def _reinforce(form):
+    def surrogate(lp, ls, b):
+        return {"detached log_probs": lambda: ((ls.detach() - b) * lp.detach()).mean(),
+                "losses not detached": lambda: ((ls - b) * lp).mean(),
+                "no baseline": lambda: (ls.detach() * lp).mean(),
+                "sign": lambda: -((ls.detach() - b) * lp).mean(),
+                "sum": lambda: ((ls.detach() - b) * lp).sum(),
+                "probabilities": lambda: ((ls.detach() - b) * lp.exp()).mean()}[form]()
+    return surrogate
+
+
+def _local_p(form):
+    def weights(scores, centres, D):
+        s = torch.arange(scores.shape[-1], dtype=scores.dtype)
+        centre_w = centres if form == "unrounded window" else torch.round(centres)
+        inside = (s[None, :] - centre_w[:, None]).abs() <= D
+        w = torch.softmax(scores if form == "no window" else scores.masked_fill(~inside, -math.inf), -1)
+        sigma = max(D, 1) if form == "sigma = D" else max(D, 1) / 2
+        centre_g = torch.round(centres) if form == "gaussian on round" else centres
+        out = w if form == "no gaussian" else w * torch.exp(-((s[None, :] - centre_g[:, None]) ** 2) / (2 * sigma**2))
+        return out / out.sum(-1, keepdim=True) if form == "renormalised" else out
+    return weights
+
+
+def _mha(form):
+    def forward(q, k, v, W_q, W_k, W_v, W_o, H):
+        B, L_q, E = q.shape
+        H = 1 if form == "one head" else H
+        d = E // H
+        proj = (lambda x, W: x @ W) if form == "untransposed" else (lambda x, W: x @ W.T)
+
+        def heads(x):
+            if form == "split no transpose":
+                return x.reshape(B, H, x.shape[1], d)
+            return x.reshape(B, x.shape[1], H, d).transpose(1, 2)
+
+        s = heads(proj(q, W_q)) @ heads(proj(k, W_k)).transpose(-2, -1) / math.sqrt(E if form == "sqrt E" else d)
+        o = torch.softmax(s, -2 if form == "dim" else -1) @ heads(proj(v, W_v))
+        o = o.reshape(B, L_q, E) if form == "merge no transpose" else o.transpose(1, 2).reshape(B, L_q, E)
+        return o if form == "no W_o" else proj(o, W_o)
+    return forward
+
+
+def _sin(form):
+    def table(L, d):
+        p = torch.arange(L, dtype=torch.float64)[:, None] + (1 if form == "from 1" else 0)
+        i = torch.arange(d // 2, dtype=torch.float64) if form == "i/d" else torch.arange(0, d, 2, dtype=torch.float64)
+        a = p * 10000.0 ** (-i / d)
+        first, second = (a.cos(), a.sin()) if form == "swapped" else (a.sin(), a.cos())
+        if form == "halves":
+            return torch.cat([first, second], -1).float()
+        return torch.stack([first, second], -1).flatten(-2).float()
+    return table
+
+
+def _rope(form):
+    def rope(x, pos):
+        d = x.shape[-1]
+        if form == "arange":
+            pos = torch.arange(x.shape[-2])
+        i = torch.arange(d // 2) if form == "i/d" else torch.arange(0, d, 2)
+        t = pos[:, None].double() * 10000.0 ** (-i.double() / d) * (-1 if form == "direction" else 1)
+        c, s = t.cos().to(x.dtype), t.sin().to(x.dtype)
+        if form == "halves":
+            a, b = x[..., : d // 2], x[..., d // 2:]
+            return torch.cat([a * c - b * s, a * s + b * c], -1)
+        a, b = x[..., 0::2], x[..., 1::2]
+        new_a = a * c - b * s
+        return torch.stack([new_a, (new_a if form == "sequential" else a) * s + b * c], -1).flatten(-2)
+    return rope
+
+
+def _rope_scores(form):
+    from attn_course.positional import apply_rope
+
+    def scores(q, k, pq, pk):
+        d = q.shape[-1]
+        rq = {"k only": q, "swapped positions": apply_rope(q, pk) if len(pq) == len(pk) else apply_rope(q, pq),
+              "sign": apply_rope(q, -pq), "arange": apply_rope(q, torch.arange(len(pq)))}.get(form, apply_rope(q, pq))
+        rk = {"q only": k, "swapped positions": apply_rope(k, pq) if len(pq) == len(pk) else apply_rope(k, pk)}.get(
+            form, apply_rope(k, pk))
+        if form == "halves":
+            rq, rk = _rope("halves")(q, pq), _rope("halves")(k, pk)
+        return rq @ rk.transpose(-2, -1) / (1.0 if form == "no scale" else math.sqrt(d))
+    return scores
+
+
+def _topk(form):
+    def attention(q, k, v, kk):
+        s = q @ k.transpose(-2, -1) / (1.0 if form == "no scale" else math.sqrt(q.shape[-1]))
+        if form == "dense":
+            return torch.softmax(s, -1) @ v
+        if form == "no min":
+            kth = s.topk(kk, dim=-1).values[..., -1:]
+        else:
+            kth = s.topk(min(kk, s.shape[-1]), dim=-1, largest=form != "smallest").values[..., -1:]
+        keep = {"smallest": s <= kth, "strict": s > kth}.get(form, s >= kth)
+        return torch.softmax(s.masked_fill(~keep, -math.inf), -1).nan_to_num() @ v
+    return attention
+
+
+def _banded(form):
+    def attention(q, k, v, w):
+        B, H, L, d = q.shape
+        if form in ("dense", "all keys", "causal", "strict", "no scale"):
+            i = torch.arange(L)
+            diff = i[:, None] - i[None, :]
+            m = {"dense": diff.abs() <= w, "all keys": diff.abs() >= 0, "causal": (diff >= 0) & (diff <= w),
+                 "strict": diff.abs() < w, "no scale": diff.abs() <= w}[form]
+            s = (q @ k.transpose(-2, -1) / (1.0 if form == "no scale" else math.sqrt(d))).masked_fill(~m, -math.inf)
+            return torch.softmax(s, -1).nan_to_num() @ v
+        w = min(w, L - 1)   # "padding": the zero-padded slots take part in the softmax
+        kk = torch.nn.functional.pad(k, (0, 0, w, w)).unfold(2, 2 * w + 1, 1)
+        vv = torch.nn.functional.pad(v, (0, 0, w, w)).unfold(2, 2 * w + 1, 1)
+        weights = torch.softmax((q[..., None] * kk).sum(-2) / math.sqrt(d), -1)
+        return (vv * weights[..., None, :]).sum(-1)
+    return attention
+
+
+def _favor(form):
+    def attention(q, k, v, omega):
+        d, m = q.shape[-1], omega.shape[0]
+        if form == "no scale":
+            qs, ks = q, k
+        elif form == "query only":
+            qs, ks = q / math.sqrt(d), k
+        else:
+            qs, ks = q * d**-0.25, k * d**-0.25
+        W = omega if form == "untransposed" else omega.T
+
+        def phi(x, norm=True):
+            return torch.exp(x @ W - ((x * x).sum(-1, keepdim=True) / 2 if norm else 0)) / math.sqrt(m)
+
+        pq, pk = phi(qs), phi(ks, form != "no norm")
+        if form == "quadratic":
+            a = pq @ pk.transpose(-2, -1)
+            return (a @ v) / a.sum(-1, keepdim=True)
+        out = pq @ (pk.transpose(-2, -1) @ v)
+        return out if form == "no normaliser" else out / (pq @ pk.sum(-2)[..., None])
+    return attention
+
+
+def _targets(form):
+    def targets(ids, p):
+        t = torch.full_like(ids, -100)
+        T = ids.shape[1]
+        if form == "no shift":
+            t[:, p:] = ids[:, p:]
+        elif form == "backwards":
+            t[:, p:] = ids[:, p - 1:-1]
+        elif form == "prompt kept":
+            t[:, :-1] = ids[:, 1:]
+        elif form == "late start":
+            t[:, p:-1] = ids[:, p + 1:]
+        elif form == "roll":
+            t[:, p - 1:] = torch.roll(ids, -1, 1)[:, p - 1:]
+        elif form == "zeros":
+            t = torch.zeros_like(ids)
+            t[:, p - 1:T - 1] = ids[:, p:]
+        return t
+    return targets
+
+
+def _rollout(form):
+    def rollout(ws):
+        eye = torch.eye(ws[0].shape[-1])
+        out = eye
+        for a in ws:
+            if form == "renormalise first":
+                a = a / a.sum(-1, keepdim=True)
+            if form != "no residual":
+                a = 0.5 * a + 0.5 * eye
+            if form not in ("no renormalisation", "renormalise first"):
+                a = a / a.sum(-1, keepdim=True)
+            if form == "right":
+                out = out @ a
+            elif form == "elementwise":
+                out = a * out if out is not eye else a
+            else:
+                out = a @ out
+        return out
+    return rollout
+
+
+def _rollout_residual(form):
+    def rollout(ws, r):
+        B, H, L, _ = ws[0].shape
+        eye = torch.eye(L)
+        if form == "per head":
+            out = eye.expand(B, H, L, L)
+            for w in ws:
+                a = (1 - r) * w + r * eye
+                out = (a / a.sum(-1, keepdim=True)) @ out
+            return out.mean(1)
+        out = eye.expand(B, L, L)
+        for w in ws:
+            m = w.sum(1) if form == "sum" else w.mean(1)
+            a = r * m + (1 - r) * eye if form == "swap" else (1 - r) * m + r * eye
+            if form != "no renormalisation":
+                a = a / a.sum(-1, keepdim=True)
+            out = out @ a if form == "right" else a @ out
+        return out
+    return rollout
+
+
+def _ti(x, y):
+    return torch.tril(torch.ones(x, y))
+
+
+WRONG = [
+    # chapter 1
+    ("ch01.nadaraya_watson", _nw_dim0, "normalise over the training points", None),
+    ("ch01.nadaraya_watson", _nw_unnormalised, "sum to 1", None),
+    ("ch01.nadaraya_watson", _nw_kernel(lambda d, h: -((d / h) ** 2)), "dropped the 1/2", None),
+    ("ch01.nadaraya_watson", _nw_kernel(lambda d, h: -0.5 * d**2 / h), "divide the distance by h before squaring", None),
+    ("ch01.nadaraya_watson", _nw_kernel(lambda d, h: -0.5 * (d * h) ** 2), "do not multiply", None),
+    ("ch01.nadaraya_watson", _nw_kernel(lambda d, h: -0.5 * (d / h).abs()), "square the distance", None),
+    ("ch01.nadaraya_watson", _nw_naive, "underflows", "sum to 1"),
+    ("ch01.nadaraya_watson", _nw_bad_prediction, "weights @ y_train", "divide|multiply|1/2"),
+    ("ch01.fit_bandwidth", _fit(accumulate=True), "zero the gradient", None),
+    ("ch01.fit_bandwidth", _fit(on="h"), "on log h", None),
+    ("ch01.fit_bandwidth", _fit(log=True), "that is log h", None),
+    ("ch01.fit_bandwidth", _fit(reduce="sum"), "not the sum", None),
+    ("ch01.fit_bandwidth", _fit(sign=-1.0), "step downhill", None),
+    ("ch01.fit_bandwidth", _fit(queries="train"), "predict at x_val", None),
+    ("ch01.masked_softmax", lambda s, m: torch.softmax(s, -1), "masked keys got weight", None),
+    ("ch01.masked_softmax", lambda s, m: _sm(s, ~m).nan_to_num(), "inverted", "last axis"),
+    ("ch01.masked_softmax", lambda s, m: torch.softmax(s, -1) * m, "after the softmax", None),
+    ("ch01.masked_softmax", lambda s, m: _sm(s, m, -2).nan_to_num(), "did you normalise over the last axis", None),
+    ("ch01.masked_softmax", lambda s, m: _sm(s, m), "all-zero weights", "sum to 1"),
+    ("ch01.masked_softmax", lambda s, m: torch.softmax(s.masked_fill(~m, -1e9), -1), "not uniform", None),
+    ("ch01.masked_softmax", _ms_max_over_all, "ALLOWED keys only", None),
+    ("ch01.masked_softmax", _ms_no_max, "overflows", "sum to 1"),
+    ("ch01.scaled_dot_product_attention", _sdpa(scale=lambda q, v: 1.0), "sqrt\\(d_k\\)", None),
+    ("ch01.scaled_dot_product_attention", _sdpa(scale=lambda q, v: 1 / q.shape[-1]), "not by d_k", None),
+    ("ch01.scaled_dot_product_attention", _sdpa(scale=lambda q, v: 1 / math.sqrt(v.shape[-1])), "not of the value size", None),
+    ("ch01.scaled_dot_product_attention", _sdpa_bmm, "not torch.bmm", None),
+    ("ch01.scaled_dot_product_attention", _sdpa(dim=-2), "the softmax goes over the keys", None),
+    ("ch01.scaled_dot_product_attention", _sdpa(values="key"), "multiply the weights by value", None),
+    ("ch01.scaled_dot_product_attention", _sdpa(use_mask=False), "the mask is ignored", None),
+    ("ch01.scaled_dot_product_attention", _sdpa(invert=True), "inverted", None),
+    ("ch01.scaled_dot_product_attention", _sdpa(nan_rows=True), "zero weights and a zero output", None),
+    ("ch01.scaled_dot_product_attention", _sdpa(fill=-1e9), "not uniform", None),
+    ("ch01.scaled_dot_product_attention", _sdpa(swap=True), "in that order", None),
+    ("ch01.additive_scores", _additive("no tanh"), "apply tanh", None),
+    ("ch01.additive_scores", _additive("separate tanh"), "tanh goes around the sum", None),
+    ("ch01.additive_scores", _additive("untransposed"), "query @ W_q.T", None),
+    ("ch01.additive_scores", _additive("sum"), "not the plain sum", None),
+    ("ch01.additive_scores", _additive("softmax"), "before any softmax", None),
+    ("ch01.additive_scores", _additive("transposed"), "swapped", None),
+    # chapter 2
+    ("ch02.padding_mask", lambda n, m: torch.arange(m)[None, :] >= n[:, None], "True marks the real tokens", None),
+    ("ch02.padding_mask", lambda n, m: torch.arange(m)[None, :] <= n[:, None], "use <, not <=", None),
+    ("ch02.padding_mask", lambda n, m: (torch.arange(m)[None, :] < n[:, None]).float(), "dtype", None),
+    ("ch02.padding_mask", lambda n, m: torch.arange(m)[:, None] < n[None, :], "has shape", None),
+    ("ch02.causal_mask", lambda n: torch.ones(n, n, dtype=torch.bool).triu(), "lower triangle", None),
+    ("ch02.causal_mask", lambda n: torch.ones(n, n, dtype=torch.bool).tril(-1), "keep the diagonal", None),
+    ("ch02.causal_mask", lambda n: torch.ones(n, n, dtype=torch.bool).triu(1), "may attend|keep the diagonal", None),
+    ("ch02.causal_mask", lambda n: _ti(n, n), "dtype", None),
+    ("ch02.cross_attention", _cross("roles"), "one row per query|has shape", None),
+    ("ch02.cross_attention", _cross("sqrt E"), "not by x's width", None),
+    ("ch02.cross_attention", _cross("no scale"), "divide the scores by sqrt\\(d\\)", None),
+    ("ch02.cross_attention", _cross("kv swapped"), "keys use W_k", None),
+    ("ch02.cross_attention", _cross("untransposed"), "x @ W_q.T", None),
+    ("ch02.cross_attention", _cross("dim"), "over the keys", None),
+    ("ch02.attentive_decoder_step", _decoder("no mask"), "padding got weight", None),
+    ("ch02.attentive_decoder_step", _decoder("inverted"), "inverted", None),
+    ("ch02.attentive_decoder_step", _decoder("no scale"), "1 / sqrt\\(H\\)", None),
+    ("ch02.attentive_decoder_step", _decoder("order"), "in that order", None),
+    ("ch02.attentive_decoder_step", _decoder("no bias"), "add the bias", None),
+    ("ch02.attentive_decoder_step", _decoder("mean"), "not their mean|padding got weight", None),
+    ("ch02.attentive_decoder_step", _decoder("3-D weights"), "squeeze", None),
+    # chapter 3
+    ("ch03.gumbel_softmax", _gumbel("-log u"), "not -log\\(u\\)", None),
+    ("ch03.gumbel_softmax", _gumbel("sign"), "check the sign", None),
+    ("ch03.gumbel_softmax", _gumbel("no tau"), "by the temperature tau before", None),
+    ("ch03.gumbel_softmax", _gumbel("times tau"), "do not multiply", None),
+    ("ch03.gumbel_softmax", _gumbel("logits only"), "not the logits alone", None),
+    ("ch03.gumbel_softmax", _gumbel("dim 0"), "last axis", None),
+    ("ch03.gumbel_softmax", _gumbel("no noise"), "add the Gumbel noise", None),
+    ("ch03.straight_through_gumbel", _straight_through("soft"), "that is the soft sample", None),
+    ("ch03.straight_through_gumbel", _straight_through("hard only"), "no gradient reaches the logits", None),
+    ("ch03.straight_through_gumbel", _straight_through("no detach"), "gradient is zero", None),
+    ("ch03.straight_through_gumbel", _straight_through("argmax of logits"), "not of the logits", None),
+    ("ch03.straight_through_gumbel", _straight_through("no tau in the gradient"), "temperature is missing", None),
+    ("ch03.straight_through_gumbel", _straight_through("long"), "dtype", None),
+    ("ch03.reinforce_surrogate", _reinforce("detached log_probs"), "no gradient reaches log_probs", None),
+    ("ch03.reinforce_surrogate", _reinforce("losses not detached"), "flows into the losses", None),
+    ("ch03.reinforce_surrogate", _reinforce("no baseline"), "subtract the baseline", None),
+    ("ch03.reinforce_surrogate", _reinforce("sign"), "check the sign", None),
+    ("ch03.reinforce_surrogate", _reinforce("sum"), "not the sum", None),
+    ("ch03.reinforce_surrogate", _reinforce("probabilities"), "use the log-probabilities", None),
+    ("ch03.local_p_weights", _local_p("no gaussian"), "also scales the window softmax", None),
+    ("ch03.local_p_weights", _local_p("unrounded window"), "round the centre", None),
+    ("ch03.local_p_weights", _local_p("gaussian on round"), "on p_t itself", None),
+    ("ch03.local_p_weights", _local_p("sigma = D"), "sigma = window / 2, not window", None),
+    ("ch03.local_p_weights", _local_p("no window"), "covers only the window", None),
+    ("ch03.local_p_weights", _local_p("renormalised"), "do not renormalise", None),
+    ("ch03.conv_receptive_field", lambda n, k, d: n * k, "overlap", None),
+    ("ch03.conv_receptive_field", lambda n, k, d: 1 + n * (k - 1), "multiply the growth by d", None),
+    ("ch03.conv_receptive_field", lambda n, k, d: n * (k - 1) * d, "own position", None),
+    ("ch03.conv_receptive_field", lambda n, k, d: 1 + (k - 1) * sum(d**i for i in range(n)), "not d \\*\\* layer", None),
+    # chapter 4
+    ("ch04.split_heads", lambda x, h: x.reshape(x.shape[0], x.shape[1], h, -1), "transpose\\(1, 2\\)", None),
+    ("ch04.split_heads", lambda x, h: x.reshape(x.shape[0], h, x.shape[1], -1), "mixes positions and heads", None),
+    ("ch04.split_heads", lambda x, h: x.reshape(x.shape[0], x.shape[1], -1, h).permute(0, 3, 1, 2), "contiguous features", None),
+    ("ch04.merge_heads", lambda x: x.reshape(x.shape[0], x.shape[2], -1), "transpose back", None),
+    ("ch04.merge_heads", lambda x: x.permute(0, 2, 3, 1).reshape(x.shape[0], x.shape[2], -1), "keep each head's d features together", None),
+    ("ch04.masks_from_torch", lambda a, p: a[None, None] | p[:, None, None], "invert both masks", None),
+    ("ch04.masks_from_torch", lambda a, p: (~a)[None, None] & p[:, None, None], "invert the key_padding_mask too", None),
+    ("ch04.masks_from_torch", lambda a, p: a[None, None] & (~p)[:, None, None], "invert the attn_mask too", None),
+    ("ch04.masks_from_torch", lambda a, p: (~a)[None, None] | (~p)[:, None, None], "BOTH masks", None),
+    ("ch04.masks_from_torch", lambda a, p: (~a)[None] & (~p)[:, None], "add a head axis", None),
+    ("ch04.multihead_forward", _mha("sqrt E"), "not sqrt\\(E\\)", None),
+    ("ch04.multihead_forward", _mha("split no transpose"), "mixes positions and heads", None),
+    ("ch04.multihead_forward", _mha("merge no transpose"), "side by side", None),
+    ("ch04.multihead_forward", _mha("no W_o"), "output projection W_o", None),
+    ("ch04.multihead_forward", _mha("untransposed"), "x @ W.T", None),
+    ("ch04.multihead_forward", _mha("dim"), "over the keys", None),
+    ("ch04.multihead_forward", _mha("one head"), "split into num_heads heads", None),
+    ("ch04.mha_parameter_count", lambda E, H, k, v, b: 3 * E * E + (3 * E if b else 0), "output projection", None),
+    ("ch04.mha_parameter_count", lambda E, H, k, v, b: E * (2 * E + k + v), "bias of size E", None),
+    ("ch04.mha_parameter_count", lambda E, H, k, v, b: E * (2 * E + k + v) + 4 * E, "no biases at all", None),
+    ("ch04.mha_parameter_count", lambda E, H, k, v, b: 4 * E * E + (4 * E if b else 0), "maps kdim", None),
+    ("ch04.mha_parameter_count", lambda E, H, k, v, b: H * (E * (2 * E + k + v) + (4 * E if b else 0)), "does not change the count", None),
+    ("ch04.kv_cache_bytes", lambda n, g, d, L, B, s: n * g * d * L * B * s, "keys AND values", None),
+    ("ch04.kv_cache_bytes", lambda n, g, d, L, B, s: 2 * g * d * L * B * s, "num_layers", None),
+    ("ch04.kv_cache_bytes", lambda n, g, d, L, B, s: 2 * n * g * d * L * s, "batch_size", None),
+    ("ch04.kv_cache_bytes", lambda n, g, d, L, B, s: 2 * n * g * d * L * B, "bytes_per_value", None),
+    # chapter 5
+    ("ch05.sinusoidal_encoding", _sin("swapped"), "sine goes in the even columns", None),
+    ("ch05.sinusoidal_encoding", _sin("i/d"), "2i/dim", None),
+    ("ch05.sinusoidal_encoding", _sin("halves"), "interleave", None),
+    ("ch05.sinusoidal_encoding", _sin("from 1"), "positions start at 0", None),
+    ("ch05.apply_rope", _rope("direction"), "rotate the wrong way", None),
+    ("ch05.apply_rope", _rope("halves"), "interleaved", None),
+    ("ch05.apply_rope", _rope("i/d"), "10000\\*\\*\\(-2i/d\\)", None),
+    ("ch05.apply_rope", _rope("sequential"), "OLD pair", None),
+    ("ch05.apply_rope", _rope("arange"), "positions you are given", None),
+    ("ch05.rope_scores", _rope_scores("q only"), "rotate k too", None),
+    ("ch05.rope_scores", _rope_scores("k only"), "rotate q too", None),
+    ("ch05.rope_scores", _rope_scores("sign"), "m \\+ n", None),
+    ("ch05.rope_scores", _rope_scores("no scale"), "1 / sqrt\\(d\\)", None),
+    ("ch05.rope_scores", _rope_scores("arange"), "decoding step", None),
+    ("ch05.rope_scores", _rope_scores("swapped positions"), "rotate q by q_positions", None),
+    ("ch05.rope_scores", _rope_scores("halves"), "rotate-half", None),
+    ("ch05.alibi_slopes", lambda n: torch.tensor([2 ** (-8 * (k + 1) / n) for k in range(n)]), "not a power of two", None),
+    ("ch05.alibi_slopes", lambda n: torch.tensor([2 ** (-8 * k / n) for k in range(n)]), "count k from 1", None),
+    ("ch05.alibi_slopes", lambda n: torch.arange(n), "dtype", None),
+    ("ch05.relative_position_index", lambda a, b, k: (torch.arange(a)[:, None] - torch.arange(b)[None, :]).clamp(-k, k) + k, "j - i", None),
+    ("ch05.relative_position_index", lambda a, b, k: torch.arange(b)[None, :] - torch.arange(a)[:, None] + k, "clip the distance", None),
+    ("ch05.relative_position_index", lambda a, b, k: (torch.arange(b)[None, :] - torch.arange(a)[:, None]).clamp(-k, k), "add max_distance", None),
+    ("ch05.relative_position_index", lambda a, b, k: torch.zeros(a, b), "integer tensor", None),
+    # chapter 6
+    ("ch06.dilated_window_mask", lambda L, w, r: ((torch.arange(L)[:, None] - torch.arange(L)).abs() <= w) & ((torch.arange(L)[:, None] - torch.arange(L)) % r == 0), "window \\* dilation positions", None),
+    ("ch06.dilated_window_mask", lambda L, w, r: (torch.arange(L)[:, None] - torch.arange(L)).abs() <= w * r, "every dilation-th key", None),
+    ("ch06.dilated_window_mask", lambda L, w, r: ((torch.arange(L)[:, None] - torch.arange(L)) >= 0) & ((torch.arange(L)[:, None] - torch.arange(L)) <= w * r) & ((torch.arange(L)[:, None] - torch.arange(L)) % r == 0), "both sides", None),
+    ("ch06.dilated_window_mask", lambda L, w, r: ((torch.arange(L)[:, None] - torch.arange(L)).abs() < w * r) & ((torch.arange(L)[:, None] - torch.arange(L)) % r == 0), "<=, not <", None),
+    ("ch06.band_pairs", lambda L, w: L * (2 * min(w, L - 1) + 1), "fewer than 2w \\+ 1", None),
+    ("ch06.band_pairs", lambda L, w: L * 2 * min(w, L - 1) - min(w, L - 1) * (min(w, L - 1) + 1), "itself", None),
+    ("ch06.band_pairs", lambda L, w: L * (2 * min(w, L - 1) + 1) - min(w, L - 1) * (min(w, L - 1) + 1) // 2, "both ends", None),
+    ("ch06.band_pairs", lambda L, w: L * (2 * w + 1) - w * (w + 1), "cap it at L - 1", None),
+    ("ch06.bigbird_kept_blocks", lambda n, g: 3 * n - 2 + 2 * g * n, "the band overlaps", None),
+    ("ch06.bigbird_kept_blocks", lambda n, g: 2 * g * n + (3 * (n - g) - 2 if n - g >= 2 else n - g), "share g \\* g", None),
+    ("ch06.bigbird_kept_blocks", lambda n, g: 2 * g * n - g * g + 3 * (n - g), "2 neighbours", None),
+    ("ch06.topk_attention", _topk("dense"), "attend to every key", None),
+    ("ch06.topk_attention", _topk("smallest"), "LARGEST", None),
+    ("ch06.topk_attention", _topk("strict"), "k - 1", None),
+    ("ch06.topk_attention", _topk("no scale"), "1 / sqrt\\(d\\)", None),
+    ("ch06.topk_attention", _topk("no min"), "min\\(k, L\\)", None),
+    ("ch06.banded_attention", _banded("dense"), "never build an L x L tensor", None),
+    ("ch06.banded_attention", _banded("padding"), "padding at the two ends is not a key", None),
+    ("ch06.banded_attention", _banded("all keys"), "every key", None),
+    ("ch06.banded_attention", _banded("causal"), "both sides", None),
+    ("ch06.banded_attention", _banded("strict"), "<=, not <", None),
+    ("ch06.banded_attention", _banded("no scale"), "1 / sqrt\\(d\\)", None),
+    ("ch06.performer_attention", _favor("quadratic"), "never build an L x L tensor", None),
+    ("ch06.performer_attention", _favor("no normaliser"), "normaliser", None),
+    ("ch06.performer_attention", _favor("no norm"), "-\\|x\\|\\^2 / 2", None),
+    ("ch06.performer_attention", _favor("no scale"), "d\\*\\*-0.25 each", None),
+    ("ch06.performer_attention", _favor("query only"), "BOTH", None),
+    ("ch06.performer_attention", _favor("untransposed"), "x @ omega.T", None),
+    # chapter 9
+    ("ch09.lm_targets", _targets("no shift"), "shift by one", None),
+    ("ch09.lm_targets", _targets("backwards"), "the other way", None),
+    ("ch09.lm_targets", _targets("prompt kept"), "ignore the prompt", None),
+    ("ch09.lm_targets", _targets("late start"), "prompt_length - 1", None),
+    ("ch09.lm_targets", _targets("roll"), "wraps", None),
+    ("ch09.lm_targets", _targets("zeros"), "not 0", None),
+    ("ch09.attention_rollout", _rollout("no residual"), "residual connection", None),
+    ("ch09.attention_rollout", _rollout("right"), "on the left", None),
+    ("ch09.attention_rollout", _rollout("no renormalisation"), "renormalise each row", None),
+    ("ch09.attention_rollout", _rollout("renormalise first"), "AFTER adding the identity", None),
+    ("ch09.attention_rollout", _rollout("elementwise"), "matrix product", None),
+    ("ch09.rollout_with_residual", _rollout_residual("swap"), "weight of the identity", None),
+    ("ch09.rollout_with_residual", _rollout_residual("per head"), "average the heads first", None),
+    ("ch09.rollout_with_residual", _rollout_residual("sum"), "do not sum them", None),
+    ("ch09.rollout_with_residual", _rollout_residual("no renormalisation"), "renormalise the rows", None),
+    ("ch09.rollout_with_residual", _rollout_residual("right"), "on the left", None),
+    ("ch09.transformer_parameters", lambda V, d, n, r: V * d + n * (4 * d * d + 4 * d + 2 * r * d * d + r * d + d) + d * V + V, "LayerNorms", None),
+    ("ch09.transformer_parameters", lambda V, d, n, r: solution("ch09.transformer_parameters")(V, d, n, r) - 2 * d, "final LayerNorm", None),
+    ("ch09.transformer_parameters", lambda V, d, n, r: solution("ch09.transformer_parameters")(V, d, n, r) - d * V - V, "output head", None),
+    ("ch09.transformer_parameters", lambda V, d, n, r: solution("ch09.transformer_parameters")(V, d, n, r) - n * 4 * d, "attention projections", None),
+    ("ch09.transformer_parameters", lambda V, d, n, r: solution("ch09.transformer_parameters")(V, d, n, r) - n * (r * d + d), "MLP's biases", None),
+    ("ch09.transformer_parameters", lambda V, d, n, r: solution("ch09.transformer_parameters")(V, d, n, 1), "mlp_ratio", None),
+]
+
+
+@pytest.mark.parametrize("name, wrong, words, not_words", WRONG,
+                         ids=[f"{row[0]}-{i}" for i, row in enumerate(WRONG)])
+def test_every_listed_mistake_is_rejected_with_a_hint_that_names_it(name, wrong, words, not_words, capsys):
+    assert check(name, wrong) is False
+    out = capsys.readouterr().out
+    assert out.startswith("❌ " + name), out
+    assert re.search(words, out), out
+    if not_words:
+        assert not re.search(not_words, out), out
+
+
+def test_every_exercise_of_chapters_one_to_six_and_nine_has_listed_mistakes():
+    for name in NAMES:
+        if name[:4] in {"ch01", "ch02", "ch03", "ch04", "ch05", "ch06", "ch09"}:
+            assert sum(row[0] == name for row in WRONG) >= 2, name
+
+
+def test_a_right_answer_in_another_style_passes(capsys):
+    """float64 inside, NumPy inside, lists for tuples, views: all accepted."""
+    def masked_softmax_numpy(scores, mask):
+        s = np.where(mask.numpy(), scores.double().numpy(), -np.inf)
+        top = s.max(-1, keepdims=True)
+        e = np.exp(s - np.where(np.isfinite(top), top, 0.0))
+        total = e.sum(-1, keepdims=True)
+        return torch.from_numpy(np.divide(e, total, out=np.zeros_like(e), where=total > 0))
+
+    def sdpa_list(q, k, v, mask=None):
+        out, w = solution("ch01.scaled_dot_product_attention")(q.double(), k.double(), v.double(), mask)
+        return [out.float(), w.float()]
+
+    def split_view(x, h):
+        return x.view(x.shape[0], x.shape[1], h, -1).permute(0, 2, 1, 3)
+
+    def band_pairs_float(L, w):
+        return float(solution("ch06.band_pairs")(L, w))
+
+    def fit_with_sgd(x, y, xv, yv, steps, lr):
+        log_h = torch.zeros((), requires_grad=True)
+        opt = torch.optim.SGD([log_h], lr=lr)
+        for _ in range(steps):
+            opt.zero_grad()
+            pred = torch.softmax(-0.5 * ((xv[:, None] - x[None, :]) / log_h.exp()) ** 2, 1) @ y
+            ((pred - yv) ** 2).mean().backward()
+            opt.step()
+        return log_h.exp()                       # a 0-d tensor that requires grad
+
+    for name, fn in (("ch01.masked_softmax", masked_softmax_numpy),
+                     ("ch01.scaled_dot_product_attention", sdpa_list), ("ch04.split_heads", split_view),
+                     ("ch06.band_pairs", band_pairs_float), ("ch01.fit_bandwidth", fit_with_sgd),
+                     ("ch06.banded_attention", _banded_loop)):
+        assert check(name, fn) is True, capsys.readouterr().out
+
+
+def _banded_loop(q, k, v, w):
+    B, H, L, d = q.shape
+    out = torch.empty(B, H, L, v.shape[-1], dtype=q.dtype)
+    for i in range(L):
+        lo, hi = max(0, i - w), min(L, i + w + 1)
+        s = q[:, :, i:i + 1] @ k[:, :, lo:hi].transpose(-2, -1) / math.sqrt(d)
+        out[:, :, i] = (torch.softmax(s, -1) @ v[:, :, lo:hi])[:, :, 0]
+    return out
+
+
+def test_hints_are_given_only_when_they_distinguish_the_mistake(capsys):
+    # at bandwidth 1 the kernel variants equal the right kernel: no kernel hint for a wrong prediction
+    assert check("ch01.nadaraya_watson", _nw_bad_prediction) is False
+    out = capsys.readouterr().out
+    assert "test 1 of" in out and "Hint: the weights are right" in out
+    # NaN is reported as NaN, never as "rows must sum to 1"
+    assert check("ch01.nadaraya_watson", _nw_naive) is False
+    assert "sum to 1" not in capsys.readouterr().out
+    # an inverted mask is not told to normalise over the last axis
+    assert check("ch01.masked_softmax", lambda s, m: _sm(s, ~m).nan_to_num()) is False
+    assert "last axis" not in capsys.readouterr().out
+    # counts: got X, expected Y (off by Z), never "times that"
+    assert check("ch04.mha_parameter_count", lambda E, H, k, v, b: 16576) is False
+    out = capsys.readouterr().out
+    assert "got 16,576, expected 16,640 (off by -64)" in out and "times that" not in out
+    assert check("ch04.kv_cache_bytes", lambda n, g, d, L, B, s: n * g * d * L * B * s) is False
+    assert "2 times too small" in capsys.readouterr().out
+
+
+# --- the checker never crashes and cannot be fooled -----------------------------------------------
+
+class _Hostile:
+    def __eq__(self, other):
+        raise RuntimeError("__eq__")
+
+    def __repr__(self):
+        raise RuntimeError("__repr__")
+
+    __str__ = __repr__
+    __hash__ = object.__hash__
+
+    def __len__(self):
+        raise RuntimeError("__len__")
+
+    def __float__(self):
+        raise RuntimeError("__float__")
+
+
+class _HostileList(list):
+    def __len__(self):
+        raise RuntimeError("__len__")
+
+    def __iter__(self):
+        raise RuntimeError("__iter__")
+
+
+class _HostileInt(int):
+    def __eq__(self, other):
+        raise RuntimeError("__eq__")
+
+    def __format__(self, spec):
+        raise RuntimeError("__format__")
+
+    __hash__ = int.__hash__
+
+
+class _HostileError(Exception):
+    def __str__(self):
+        raise RuntimeError("__str__")
+
+
+def _raise_hostile(*a, **k):
+    raise _HostileError()
+
+
+@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("bad, words", [
+    (lambda *a, **k: torch.zeros(3, 4).to_sparse(), "sparse|should be a tuple"),
+    (lambda *a, **k: torch.zeros(3, 4, device="meta"), "meta|should be a tuple"),
+    (lambda *a, **k: torch.zeros(3, 4, dtype=torch.complex64), "complex|should be a tuple"),
+    (lambda *a, **k: 10**400, "too large|should be a torch.Tensor|should be a tuple"),
+    (lambda *a, **k: 10**5000, "too large|should be a torch.Tensor|should be a tuple"),
+    (lambda *a, **k: float("inf"), "infinite|should be a torch.Tensor|should be a tuple"),
+    (lambda *a, **k: 3 + 4j, "complex"),
+    (lambda *a, **k: (i for i in range(3)), "generator"),
+    (lambda *a, **k: _Hostile(), "_Hostile"),
+    (lambda *a, **k: _HostileList([1, 2]), "_HostileList"),
+    (lambda *a, **k: _HostileInt(7), "got 7|should be a"),
+    (lambda *a, **k: [torch.zeros(2)] * 10_000, "10000 items"),
+    (_raise_hostile, "raised _HostileError"),
+])
+def test_strange_returns_become_feedback(name, bad, words, capsys):
+    assert check(name, bad) is False
+    out = capsys.readouterr().out
+    assert out.startswith("❌ " + name), out
+    assert re.search(words, out), out
+
+
+def test_reassigning_package_functions_does_not_move_the_targets(monkeypatch, capsys):
+    import attn_course.basics
+    import attn_course.interpret
+    import attn_course.multihead
+    import attn_course.positional
+    import attn_course.sparse
+
+    zeros = lambda x, *a, **k: torch.zeros_like(x)  # noqa: E731
+    monkeypatch.setattr(attn_course.basics, "masked_softmax", lambda s, m=None, dim=-1: torch.zeros_like(s))
+    monkeypatch.setattr(attn_course.basics, "scaled_dot_product_attention", lambda q, k, v, m=None: (q, q))
+    monkeypatch.setattr(attn_course.sparse, "topk_attention", zeros)
+    monkeypatch.setattr(attn_course.sparse, "sliding_window_attention", zeros)
+    monkeypatch.setattr(attn_course.positional, "apply_rope", lambda x, p=None: x)
+    monkeypatch.setattr(attn_course.multihead, "split_heads", lambda x, h: x)
+    monkeypatch.setattr(attn_course.interpret, "attention_rollout", lambda w, residual=True: w[0])
+    for name in ("ch01.masked_softmax", "ch01.scaled_dot_product_attention", "ch02.cross_attention",
+                 "ch06.topk_attention", "ch06.banded_attention", "ch05.apply_rope", "ch05.rope_scores",
+                 "ch04.split_heads", "ch09.attention_rollout", "ch09.rollout_with_residual"):
+        assert check(name, solution(name)) is True, capsys.readouterr().out
+    # and the patched (wrong) functions are still rejected
+    assert check("ch01.masked_softmax", attn_course.basics.masked_softmax) is False
+    assert check("ch06.topk_attention", attn_course.sparse.topk_attention) is False
+
+
+def test_printed_output_is_captured_and_capped(capsys):
+    def chatty(scores, mask):
+        for i in range(20_000):
+            print("line", i)
+        return solution("ch01.masked_softmax")(scores, mask)
+
+    assert check("ch01.masked_softmax", chatty) is True
+    out = capsys.readouterr().out
+    assert out.startswith("✅ ch01.masked_softmax")
+    assert "printed" in out and "the first 2,000 are shown" in out
+    assert len(out) < 3000
+
+
+def test_a_sleep_past_the_time_limit_says_so_and_asks_for_a_restart(capsys):
+    assert check("ch01.masked_softmax", lambda s, m: time.sleep(2), timeout=0.2) is False
+    out = capsys.readouterr().out
+    assert "did not finish within 0.2 s" in out
+    assert "slow operation" in out and "sleep" in out and "restart the kernel" in out
+    assert check("ch01.masked_softmax", _loops_forever, timeout=0.2) is False
+    out = capsys.readouterr().out
+    assert "loop that never ends" in out and "restart the kernel" not in out
+
+
+def test_memory_spy_sees_only_the_checked_thread():
+    from attn_course.exercises._core import LargestTensor
+
+    with LargestTensor() as spy:
+        torch.ones(8, 8) @ torch.ones(8, 3)
+        torch.arange(5).expand(100, 5)     # a view: no new storage
+    assert spy.largest == 64 and spy.shape == (8, 8)
+
+
+def test_a_broken_reference_is_a_course_bug_not_feedback():
+    from attn_course.exercises._core import Case, Exercise, evaluate
+
+    def boom():
+        raise ValueError("bad reference")
+
+    ex = Exercise("ch99.broken", "f()", lambda: [Case("one", ())], boom, lambda: 0)
+    with pytest.raises(RuntimeError, match="bug in the course"):
+        evaluate(ex, lambda: 0, 1.0)
+
+
+# --- chapter 7: the mistakes learners make, each rejected with a hint that names it ----------------
+
+def _merge_average(out1, lse1, out2, lse2):
+    return (out1 + out2) / 2, torch.logaddexp(lse1, lse2)
+
+
+def _merge_unstable(out1, lse1, out2, lse2):
+    w1, w2 = torch.exp(lse1), torch.exp(lse2)
+    return (w1[..., None] * out1 + w2[..., None] * out2) / (w1 + w2)[..., None], torch.log(w1 + w2)
+
+
+def _merge_max_lse(out1, lse1, out2, lse2):
+    out, _ = solution("ch07.merge_attention")(out1, lse1, out2, lse2)
+    return out, torch.maximum(lse1, lse2)
+
+
+def _merge_nan_when_both_empty(out1, lse1, out2, lse2):
+    top = torch.maximum(lse1, lse2)          # -inf - (-inf) = NaN where both parts are empty
+    w1, w2 = torch.exp(lse1 - top), torch.exp(lse2 - top)
+    return (w1[..., None] * out1 + w2[..., None] * out2) / (w1 + w2)[..., None], top + torch.log(w1 + w2)
+
+
+def _merge_in_float32(out1, lse1, out2, lse2):
+    out, lse = solution("ch07.merge_attention")(out1.float(), lse1.float(), out2.float(), lse2.float())
+    return out.double(), lse.double()
+
+
+def _tile_no_rescale(m, z, o, s, v):
+    m_new = torch.maximum(m, s.amax(-1))
+    p = torch.exp(s - m_new[:, None])
+    return m_new, z + p.sum(-1), o + p @ v
+
+
+def _tile_nan_on_masked_rows(m, z, o, s, v):
+    m_new = torch.maximum(m, s.amax(-1))
+    p, a = torch.exp(s - m_new[:, None]), torch.exp(m - m_new)
+    return m_new, a * z + p.sum(-1), a[:, None] * o + p @ v
+
+
+def _skip_diagonal_too(L, bq, bk):
+    nq, nk = -(-L // bq), -(-L // bk)
+    return torch.arange(nk)[None, :] * bk >= torch.arange(nq)[:, None] * bq
+
+
+def _skip_by_tile_index(L, bq, bk):
+    return torch.ones(-(-L // bq), -(-L // bk), dtype=torch.bool).triu(1)
+
+
+@pytest.mark.parametrize("name, wrong, words", [
+    ("ch07.merge_attention", _merge_average, "not equally important"),
+    ("ch07.merge_attention", _merge_unstable, "overflows"),
+    ("ch07.merge_attention", _merge_max_lse, "logaddexp"),
+    ("ch07.flash_tile_step", _tile_no_rescale, "exp\\(m_old - m_new\\)"),
+    ("ch07.flash_tile_step", _tile_nan_on_masked_rows, "NaN"),
+    ("ch07.kv_bytes", lambda a, b, c, d, e, f, g: a * c * d * e * f * g, "AND values"),
+    ("ch07.kv_bytes", lambda a, b, c, d, e, f, g: 2 * a * b * d * e * f * g, "num_kv_heads"),
+    ("ch07.kv_bytes", lambda a, b, c, d, e, f, g: 2 * a * c * d * e * g, "batch_size"),
+    ("ch07.kv_bytes", lambda a, b, c, d, e, f, g: 2 * a * c * d * e * f, "bytes_per_value"),
+    ("ch07.kv_bytes", lambda a, b, c, d, e, f, g: 2 * a * (b // c) * d * e * f * g, "not num_heads // num_kv_heads"),
+    ("ch07.merge_attention", _merge_nan_when_both_empty, "NaN"),
+    ("ch07.causal_skipped_tiles", _skip_diagonal_too, "diagonal tiles are needed"),
+    ("ch07.causal_skipped_tiles", _skip_by_tile_index, "diagonal tiles are needed|compare positions"),
+    ("ch07.ring_source", lambda r, s, w: (r + s) % w, "rank r - s"),
+    ("ch07.ring_source", lambda r, s, w: r - s, "modulo"),
+])
+def test_chapter_seven_rejects_the_usual_mistakes(name, wrong, words, capsys):
+    assert check(name, wrong) is False
+    assert re.search(words, capsys.readouterr().out)
+
+
+def test_chapter_seven_accepts_a_float32_answer(capsys):
+    assert check("ch07.merge_attention", _merge_in_float32) is True
+
+
+def test_chapter_seven_targets_do_not_move_when_the_package_is_patched(monkeypatch, capsys):
+    import attn_course.flash
+
+    monkeypatch.setattr(attn_course.flash, "merge_attention", lambda outs, lses: (outs[0], lses[0]))
+    assert check("ch07.merge_attention", solution("ch07.merge_attention")) is True

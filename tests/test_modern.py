@@ -373,6 +373,10 @@ def test_bytes_per_token_of_the_cited_models():
     assert per_token["DeepSeek-V2"] == 60 * (512 + 64) * 2 == 69120
     assert per_token["DeepSeek-V3"] == 61 * (512 + 64) * 2
     assert all(c.source for c in modern.MODEL_CONFIGS.values())
+    contexts = {name: c.max_context for name, c in modern.MODEL_CONFIGS.items()}
+    assert contexts["Falcon-7B"] == 2048 and contexts["Llama-2-7B"] == 4096
+    assert contexts["Llama-3-8B"] == contexts["Mistral-7B-v0.1"] == contexts["Gemma-2-9B"] == 8192
+    assert contexts["Gemma-3-27B"] == contexts["DeepSeek-V3"] == 131072
 
 
 def test_sliding_windows_cap_the_local_layers():
@@ -406,6 +410,8 @@ def test_config_and_calculator_bad_input():
         modern.AttentionConfig("x", "GQA", 4, head_dim=8)
     with pytest.raises(ValueError, match="window"):
         modern.AttentionConfig("x", "GQA", 4, num_kv_heads=1, head_dim=8, window=0)
+    with pytest.raises(ValueError, match="max_context"):
+        modern.AttentionConfig("x", "GQA", 4, num_kv_heads=1, head_dim=8, max_context=0)
     with pytest.raises(TypeError, match="config"):
         modern.kv_cache_bytes_at("Llama-3-8B", 10)
     with pytest.raises(ValueError, match="context_len"):
@@ -598,10 +604,49 @@ def test_delta_rule_step_mistakes(capsys):
         g, b, Sk, outer = parts(S, k, v, b, g)
         return g * S - g * b * Sk * k[..., None, :] + outer
 
+    def normalised_key(S, k, v, b, g):
+        return solution(name)(S, F.normalize(k, dim=-1), v, b, g)
+
+    def over_key_norm(S, k, v, b, g):
+        g, b, Sk, _ = parts(S, k, v, b, g)
+        return g * S + b * (v[..., :, None] - g * Sk) * k[..., None, :] / (k * k).sum(-1)[..., None, None]
+
     _wrong(name, additive, "additive", capsys)
     _wrong(name, ungated_read, "decay the state before reading", capsys)
     _wrong(name, gate_after, "decays the old state only", capsys)
     _wrong(name, beta_missing, "beta scales the write", capsys)
+    # keys of any length: only the case with non-unit keys tells these apart
+    _wrong(name, normalised_key, "does not normalise k", capsys)
+    _wrong(name, over_key_norm, "do not divide by |k|^2", capsys)
+
+
+def _in_float32(fn):
+    """``fn`` computed in float32 inside, its result cast back to the inputs' dtype."""
+    def wrapped(*args):
+        dtype = next(a.dtype for a in args if isinstance(a, torch.Tensor))
+        args = [a.float() if isinstance(a, torch.Tensor) and a.is_floating_point() else a for a in args]
+        return fn(*args).to(dtype)
+    return wrapped
+
+
+@pytest.mark.parametrize("name", ["ch08.absorbed_query_weight", "ch08.delta_rule_step",
+                                  "ch08.causal_linear_attention"])
+def test_right_answers_computed_in_float32_pass(name, capsys):
+    assert check(name, _in_float32(solution(name)), strict=True)
+    assert check(name, lambda *a: _in_float32(solution(name))(*a).float()) is True   # float32 returned
+
+
+def test_no_misleading_hint_where_the_mistake_is_right(capsys):
+    # with gate = 1 (case 1) "v - S k" equals "v - g S k": a float32 answer that misses the
+    # tolerance there must not be told to decay the state (the mistake is not one there)
+    name = "ch08.delta_rule_step"
+
+    def slightly_off(S, k, v, b, g):
+        return solution(name)(S, k, v, b, g) + 1e-3
+
+    assert check(name, slightly_off) is False
+    out = capsys.readouterr().out
+    assert "test 1 of" in out and "Hint" not in out, out
 
 
 def test_causal_linear_attention_mistakes(capsys):
@@ -628,6 +673,18 @@ def test_causal_linear_attention_mistakes(capsys):
     def softmax(q, k, v):
         return F.scaled_dot_product_attention(q, k, v, is_causal=True)
 
+    def quadratic(q, k, v):                       # right values, but the L x L matrix it must avoid
+        a = (phi(q) @ phi(k).transpose(-2, -1)).tril()
+        return (a @ v) / a.sum(-1, keepdim=True)
+
+    def with_eps(q, k, v, eps=1e-6):              # the denominator of Katharopoulos et al.'s code
+        s = torch.cumsum(phi(k)[..., :, :, None] * v[..., :, None, :], dim=-3)
+        z = torch.cumsum(phi(k), dim=-2)
+        return (phi(q)[..., :, :, None] * s).sum(-2) / ((phi(q) * z).sum(-1, keepdim=True) + eps)
+
+    assert check(name, with_eps) is True
+    assert check(name, _in_float32(with_eps)) is True
+    _wrong(name, quadratic, "L x L = 65,536", capsys)
     _wrong(name, everything, "prefix sums", capsys)
     _wrong(name, exclusive, "include the current token", capsys)
     _wrong(name, unnormalised, "normaliser", capsys)
@@ -654,7 +711,12 @@ def test_indexer_topk_mask_mistakes(capsys):
         idx = scores.masked_fill(~causal, math.inf).topk(min(k, L), -1, largest=False).indices
         return torch.zeros(scores.shape, dtype=torch.bool).scatter(-1, idx, True) & causal
 
+    def future_then_causal(scores, k):
+        L = scores.shape[-1]
+        return future(scores, k) & torch.ones(L, L, dtype=torch.bool).tril()
+
     _wrong(name, future, "mask the future", capsys)
+    _wrong(name, future_then_causal, "*before* the top k", capsys)
     _wrong(name, keeps_masked, "fewer than k allowed keys", capsys)
     _wrong(name, lowest, "*highest*", capsys)
     _wrong(name, lambda s, k: ~solution(name)(s, k), "inverted", capsys)

@@ -498,9 +498,12 @@ class AttentionConfig:
 
     ``kind`` is ``"MHA"``, ``"GQA"``, ``"MQA"`` (each caching ``num_kv_heads`` keys and values
     of ``head_dim``) or ``"MLA"`` (caching ``kv_latent_dim + rope_dim`` numbers). ``window``:
-    the span of the local (sliding-window) layers, which cache at most ``window`` tokens;
+    the span of the local (sliding-window) layers, which cache at most ``window`` tokens (the
+    rolling buffer of the published implementations, the current token included);
     ``local_per_global``: local layers per global one (``None`` with a window: all layers
     local; ``None`` without: all global). ``source``: where the numbers come from.
+    ``max_context``: the context length the model was released for (``None`` if not given);
+    a cache computed beyond it describes a model that does not exist.
     """
 
     name: str
@@ -513,6 +516,7 @@ class AttentionConfig:
     window: int | None = None
     local_per_global: int | None = None
     source: str = ""
+    max_context: int | None = None
 
     def __post_init__(self):
         if self.kind not in ATTENTION_TYPES:
@@ -528,6 +532,8 @@ class AttentionConfig:
             _checks.positive_number("window", self.window, integer=True)
         if self.local_per_global is not None:
             _int_arg("local_per_global", self.local_per_global, minimum=0)
+        if self.max_context is not None:
+            _checks.positive_number("max_context", self.max_context, integer=True)
 
     @property
     def values_per_token_per_layer(self) -> int:
@@ -577,28 +583,35 @@ def kv_bytes_per_token(config: AttentionConfig, context_len: int = 1, *, bytes_p
 
 
 #: The attention configurations of published models, by name, each with its ``source``
-#: (paper or released ``config.json``): MHA, GQA, MQA, sliding-window, local/global and MLA.
+#: (paper or released ``config.json``) and its released context length ``max_context``:
+#: MHA, GQA, MQA, sliding-window, local/global and MLA.
 MODEL_CONFIGS: dict[str, AttentionConfig] = {c.name: c for c in (
-    AttentionConfig("Llama-2-7B", "MHA", 32, num_kv_heads=32, head_dim=128,
-                    source="Touvron et al. 2023 (arXiv:2307.09288); config.json of meta-llama/Llama-2-7b-hf"),
-    AttentionConfig("Llama-3-8B", "GQA", 32, num_kv_heads=8, head_dim=128,
+    AttentionConfig("Llama-2-7B", "MHA", 32, num_kv_heads=32, head_dim=128, max_context=4096,
+                    source="Touvron et al. 2023 (arXiv:2307.09288): context length 4k; config.json of "
+                           "meta-llama/Llama-2-7b-hf"),
+    AttentionConfig("Llama-3-8B", "GQA", 32, num_kv_heads=8, head_dim=128, max_context=8192,
                     source="Llama 3 Herd of Models, Table 3 (arXiv:2407.21783); config.json of "
-                           "meta-llama/Meta-Llama-3-8B"),
-    AttentionConfig("Falcon-7B", "MQA", 32, num_kv_heads=1, head_dim=64,
-                    source="Almazrouei et al. 2023 (arXiv:2311.16867); config.json of tiiuae/falcon-7b "
-                           "(71 query heads of 64, one key/value head)"),
-    AttentionConfig("Mistral-7B-v0.1", "GQA", 32, num_kv_heads=8, head_dim=128, window=4096,
-                    source="Jiang et al. 2023, Table 1 (arXiv:2310.06825): sliding window 4096 in every layer"),
+                           "meta-llama/Meta-Llama-3-8B (max_position_embeddings 8192)"),
+    AttentionConfig("Falcon-7B", "MQA", 32, num_kv_heads=1, head_dim=64, max_context=2048,
+                    source="Almazrouei et al. 2023 (arXiv:2311.16867): sequence length 2048; config.json of "
+                           "tiiuae/falcon-7b (71 query heads of 64, one key/value head)"),
+    AttentionConfig("Mistral-7B-v0.1", "GQA", 32, num_kv_heads=8, head_dim=128, window=4096, max_context=8192,
+                    source="Jiang et al. 2023, Table 1 (arXiv:2310.06825): sliding window 4096 in every layer, "
+                           "context length 8192"),
     AttentionConfig("Gemma-2-9B", "GQA", 42, num_kv_heads=8, head_dim=256, window=4096, local_per_global=1,
-                    source="Gemma Team 2024 (arXiv:2408.00118); config.json of google/gemma-2-9b: "
-                           "local and global layers alternate, window 4096"),
+                    max_context=8192,
+                    source="Gemma Team 2024 (arXiv:2408.00118): context length 8192; config.json of "
+                           "google/gemma-2-9b: local and global layers alternate, window 4096"),
     AttentionConfig("Gemma-3-27B", "GQA", 62, num_kv_heads=16, head_dim=128, window=1024, local_per_global=5,
-                    source="Gemma Team 2025 (arXiv:2503.19786); config.json of google/gemma-3-27b-pt: "
-                           "5 local layers per global one, window 1024"),
-    AttentionConfig("DeepSeek-V2", "MLA", 60, kv_latent_dim=512, rope_dim=64,
-                    source="DeepSeek-AI 2024, Sec. 3.1 (arXiv:2405.04434): d_c = 512, d_h^R = 64, 60 layers"),
-    AttentionConfig("DeepSeek-V3", "MLA", 61, kv_latent_dim=512, rope_dim=64,
-                    source="DeepSeek-AI 2024, Sec. 4.2 (arXiv:2412.19437): d_c = 512, d_h^R = 64, 61 layers"),
+                    max_context=131072,
+                    source="Gemma Team 2025 (arXiv:2503.19786): 128K context; config.json of "
+                           "google/gemma-3-27b-pt: 5 local layers per global one, window 1024"),
+    AttentionConfig("DeepSeek-V2", "MLA", 60, kv_latent_dim=512, rope_dim=64, max_context=131072,
+                    source="DeepSeek-AI 2024, Sec. 3.1 (arXiv:2405.04434): d_c = 512, d_h^R = 64, 60 layers; "
+                           "128K context"),
+    AttentionConfig("DeepSeek-V3", "MLA", 61, kv_latent_dim=512, rope_dim=64, max_context=131072,
+                    source="DeepSeek-AI 2024, Sec. 4.2 (arXiv:2412.19437): d_c = 512, d_h^R = 64, 61 layers; "
+                           "128K context"),
 )}
 
 
@@ -623,9 +636,12 @@ def indexer_scores(index_query: torch.Tensor, index_key: torch.Tensor, head_weig
 
     .. math:: I_{ts} = \sum_{j=1}^{H_I} w_{t,j}\; \mathrm{ReLU}(q^I_{t,j} \cdot k^I_s)
 
-    A few small indexer heads score every (query, key) pair: still ``L_q x L_k`` scores, but
-    with ``H_I d_I`` multiply-adds each instead of the main attention's, and used only to
-    choose which keys the main attention reads (:func:`indexer_topk`).
+    The indexer heads score every (query, key) pair: still ``L_q x L_k`` scores, with
+    ``H_I d_I`` multiply-adds each instead of the main attention's, used only to choose which
+    keys the main attention reads (:func:`indexer_topk`). DeepSeek-V3.2-Exp has ``H_I = 64``
+    heads of ``d_I = 128`` in FP8 (8192 multiply-adds per pair, against 128 heads x (576 + 512)
+    for its MLA in the absorbed form: about 17 times fewer, before the cheaper FP8 arithmetic)
+    and keeps 2048 keys per query.
 
     Shapes: ``index_query (B, L_q, H_I, d_I)``, ``index_key (B, L_k, d_I)``,
     ``head_weights (B, L_q, H_I)``; returns ``(B, L_q, L_k)``.

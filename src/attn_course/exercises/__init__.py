@@ -6,6 +6,10 @@
 
 Each chapter's exercises live in a module ``chNN`` of this package, holding a list
 ``EXERCISES``; modules are discovered by name, so adding a chapter touches nothing here.
+
+Every exercise's cases and expected answers are computed here, when the package is
+imported, before any learner code runs: reassigning a package function afterwards
+(``attn_course.basics.masked_softmax = mine``) cannot move a target.
 """
 
 from __future__ import annotations
@@ -18,7 +22,6 @@ from collections.abc import Callable
 from ._core import DEFAULT_TIMEOUT, Case, Exercise, evaluate
 
 __all__ = ["list_exercises", "solution", "check", "Exercise", "Case"]
-
 
 
 def _discover() -> dict[str, Exercise]:
@@ -36,6 +39,9 @@ def _discover() -> dict[str, Exercise]:
 
 
 _REGISTRY: dict[str, Exercise] = _discover()
+for _exercise in _REGISTRY.values():
+    _exercise.prepare()
+del _exercise
 
 
 def list_exercises() -> list[str]:

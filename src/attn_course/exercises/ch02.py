@@ -1,4 +1,8 @@
-"""Chapter 2 exercises: padding and causal masks, cross-attention from scaled dot products."""
+"""Chapter 2 exercises: padding and causal masks, cross-attention, one step of an attentive decoder.
+
+Expected answers come from package functions bound here at import time. Above each
+exercise, a comment lists the mistakes learners make; a case catches each one.
+"""
 
 from __future__ import annotations
 
@@ -6,9 +10,22 @@ import math
 
 import torch
 
-from .. import basics, seq2seq
-from ._core import Case, Exercise
+from ..basics import scaled_dot_product_attention as _sdpa
+from ..seq2seq import causal_mask as _causal_mask
+from ..seq2seq import padding_mask as _padding_mask
+from ._core import Case, Exercise, close, finite, matches
 
+_INF = float("-inf")
+
+
+def _bool_like(got, expected) -> bool:
+    return isinstance(got, torch.Tensor) and got.dtype == torch.bool and got.shape == expected.shape
+
+
+# --- ch02.padding_mask ----------------------------------------------------------------------------
+# Mistakes: the convention inverted (True = padding); <= instead of < (one padding position
+# counted as real); the mask transposed (L, B); a float or int tensor; a sequence of length 0 or
+# of the full length.
 
 def _pad_solution(lengths, max_length):
     positions = torch.arange(max_length)            # (L,)
@@ -21,12 +38,19 @@ def _pad_cases():
 
 
 def _pad_hint(case, got, expected):
-    if got.dtype == torch.bool and got.shape == expected.shape and torch.equal(got, ~expected):
+    if not _bool_like(got, expected):
+        return None
+    lengths, m = case.args
+    if torch.equal(got, ~expected):
         return "True marks the real tokens (they may be attended to), False the padding."
-    if got.dtype == torch.bool and got.shape == expected.shape:
-        return "position p of sequence b is real when p < lengths[b]: compare an arange with lengths[:, None]."
+    if torch.equal(got, torch.arange(m)[None, :] <= lengths[:, None]):
+        return "positions count from 0: a sequence of length n has real tokens 0 .. n - 1, so use <, not <=."
     return None
 
+
+# --- ch02.causal_mask -----------------------------------------------------------------------------
+# Mistakes: the upper triangle (keys j >= i: the future); the diagonal left out (a token may see
+# itself); torch's convention (True = blocked, triu(1)); a float tensor from torch.tril(torch.ones).
 
 def _causal_solution(length):
     i = torch.arange(length)
@@ -38,12 +62,22 @@ def _causal_cases():
 
 
 def _causal_hint(case, got, expected):
-    if got.dtype == torch.bool and got.shape == expected.shape and torch.equal(got, expected.T):
-        return "rows are queries and columns keys: query i may see keys j <= i (lower triangle)."
-    if got.dtype == torch.bool and got.shape == expected.shape and torch.equal(got, expected & ~torch.eye(len(got), dtype=torch.bool)):
+    if not _bool_like(got, expected):
+        return None
+    if torch.equal(got, expected & ~torch.eye(len(got), dtype=torch.bool)):
         return "a position may attend to itself: keep the diagonal."
+    if torch.equal(got, ~expected):
+        return "True means 'may attend' in this course (torch's attn_mask uses the opposite)."
+    if torch.equal(got, expected.T):
+        return "rows are queries and columns keys: query i may see keys j <= i (lower triangle)."
     return None
 
+
+# --- ch02.cross_attention -------------------------------------------------------------------------
+# Mistakes: queries from the context and keys/values from x (output of the context's length);
+# scaling by sqrt(E) (x's width) instead of sqrt(d); no scaling; W used untransposed (x @ W_q:
+# the square case E = C = d catches it); keys and values projected with each other's weights;
+# the softmax over the queries.
 
 def _cross_solution(x, context, W_q, W_k, W_v):
     q = x @ W_q.T                                   # (B, L_x, d): queries from x
@@ -53,7 +87,7 @@ def _cross_solution(x, context, W_q, W_k, W_v):
 
 
 def _cross_expected(x, context, W_q, W_k, W_v):
-    return basics.scaled_dot_product_attention(x @ W_q.T, context @ W_k.T, context @ W_v.T)[0]
+    return _sdpa(x @ W_q.T, context @ W_k.T, context @ W_v.T)[0]
 
 
 def _cross_cases():
@@ -66,20 +100,120 @@ def _cross_cases():
     return cases
 
 
+def _attend(q, k, v, scale, dim=-1):
+    return torch.softmax(q @ k.transpose(-2, -1) * scale, dim=dim) @ v
+
+
 def _cross_hint(case, got, expected):
-    x, ctx = case.args[:2]
+    x, ctx, W_q, W_k, W_v = (t.double() for t in case.args)
+    if not isinstance(got, torch.Tensor):
+        return None
     if got.ndim == 3 and got.shape[1] == ctx.shape[1] != x.shape[1]:
         return "the output has one row per query, i.e. per position of x, not of the context."
-    return "q = x W_q^T, k = context W_k^T, v = context W_v^T, then softmax(q k^T / sqrt(d)) v."
+    if got.shape != expected.shape or not finite(got):
+        return None
+    q, k, v = x @ W_q.T, ctx @ W_k.T, ctx @ W_v.T
+    d, E = q.shape[-1], x.shape[-1]
+    variants = [
+        (_attend(q, k, v, 1.0), "divide the scores by sqrt(d), the size of the projected queries."),
+        (_attend(q, k, v, 1 / math.sqrt(E)), "scale by sqrt(d) = sqrt(W_q.shape[0]), the size of the "
+                                             "projected queries, not by x's width."),
+        (_attend(q, ctx @ W_v.T, ctx @ W_k.T, 1 / math.sqrt(d)), "keys use W_k and values use W_v."),
+        (_attend(q, k, v, 1 / math.sqrt(d), dim=-2), "the softmax goes over the keys (the context "
+                                                      "positions), the last axis."),
+    ]
+    if W_q.shape[0] == W_q.shape[1] and W_k.shape[0] == W_k.shape[1]:
+        variants.append((_attend(x @ W_q, ctx @ W_k, ctx @ W_v, 1 / math.sqrt(d)),
+                         "the weights are (d, E) as in nn.Linear: project with x @ W_q.T."))
+    for variant, text in variants:
+        if matches(got, variant, expected):
+            return text
+    return None
+
+
+# --- ch02.attentive_decoder_step -----------------------------------------------------------------
+# One step of an attentive decoder (Luong-style: the new decoder state queries the encoder).
+# Mistakes: the source padding ignored (padding gets weight) or inverted; no scaling by
+# sqrt(H); the softmax over the batch instead of the source positions; the concatenation in the
+# wrong order ([context, state]); the bias left out; the weights returned as (B, 1, S);
+# a uniform average of the encoder states instead of the attention-weighted one.
+
+def _dec_solution(state, enc_states, src_mask, W_out, b_out):
+    H = state.shape[-1]
+    scores = (enc_states @ state[:, :, None])[:, :, 0] / math.sqrt(H)     # (B, S): one per source position
+    scores = scores.masked_fill(~src_mask, _INF)                          # padding is not a key
+    weights = torch.softmax(scores, dim=-1)                               # (B, S)
+    context = (weights[:, :, None] * enc_states).sum(1)                   # (B, H)
+    logits = torch.cat([state, context], dim=-1) @ W_out.T + b_out        # (B, V)
+    return logits, weights
+
+
+def _dec_expected(state, enc_states, src_mask, W_out, b_out):
+    context, weights = _sdpa(state[:, None, :], enc_states, enc_states, src_mask[:, None, :])
+    return torch.cat([state, context[:, 0]], dim=-1) @ W_out.T + b_out, weights[:, 0]
+
+
+def _dec_cases():
+    g = torch.Generator().manual_seed(21)
+    r = lambda *s: torch.randn(*s, generator=g)  # noqa: E731
+    cases = []
+    for B, S, H, V, lengths in ((1, 4, 4, 5, [4]), (3, 6, 8, 10, [6, 3, 1]), (2, 5, 6, 7, [2, 5])):
+        mask = torch.arange(S)[None, :] < torch.tensor(lengths)[:, None]
+        cases.append(Case(f"batch {B}, source lengths {lengths} padded to {S}, H = {H}, vocabulary {V}",
+                          (r(B, H), r(B, S, H) * 2, mask, r(V, 2 * H), r(V))))
+    return cases
+
+
+def _dec_hint(case, got, expected):
+    state, enc, mask, W_out, b_out = (t.double() if t.is_floating_point() else t for t in case.args)
+    if not (isinstance(got, (tuple, list)) and len(got) == 2 and all(isinstance(t, torch.Tensor) for t in got)):
+        return None
+    logits, weights = got
+    B, S, H = enc.shape
+    if weights.shape == (B, 1, S):
+        return "return the weights as (B, S): squeeze the query axis."
+    if weights.shape != (B, S) or logits.shape != expected[0].shape or not finite(weights):
+        return None
+    scores = (enc @ state[:, :, None])[:, :, 0]
+
+    def soft(s, keep, dim=-1):
+        return torch.softmax(s.masked_fill(~keep, _INF), dim=dim).nan_to_num(0.0)
+
+    right_w = expected[1].double()
+    for variant, text in (
+            (soft(scores / math.sqrt(H), torch.ones_like(mask)), "padding got weight: fill the scores of "
+                                                                 "padded source positions with -inf."),
+            (soft(scores / math.sqrt(H), ~mask), "the mask is inverted: True marks real source tokens."),
+            (soft(scores, mask), "scale the scores by 1 / sqrt(H), H the state size."),
+            (soft(scores / math.sqrt(H), mask, 0), "the softmax goes over the source positions "
+                                                   "(dim=-1), not over the batch.")):
+        if matches(weights, variant, right_w):
+            return text
+    if close(weights, right_w):
+        context = (right_w[:, :, None] * enc).sum(1)
+        for variant, text in (
+                (torch.cat([context, state], -1) @ W_out.T + b_out,
+                 "concatenate [state, context] in that order: W_out's first H columns read the state."),
+                (torch.cat([state, context], -1) @ W_out.T, "add the bias b_out."),
+                (torch.cat([state, enc.mean(1)], -1) @ W_out.T + b_out,
+                 "the context is the attention-weighted sum of the encoder states, not their mean.")):
+            if matches(logits, variant, expected[0]):
+                return text
+        return "the weights are right: context = weights-weighted sum of enc_states, then W_out [state; context] + b_out."
+    return None
 
 
 EXERCISES = [
     Exercise("ch02.padding_mask", "padding_mask(lengths (B,), max_length) -> (B, max_length) bool, True = real",
-             _pad_cases, seq2seq.padding_mask, _pad_solution, _pad_hint),
+             _pad_cases, _padding_mask, _pad_solution, _pad_hint),
     Exercise("ch02.causal_mask", "causal_mask(length) -> (L, L) bool, True where key j <= query i",
-             _causal_cases, seq2seq.causal_mask, _causal_solution, _causal_hint),
+             _causal_cases, _causal_mask, _causal_solution, _causal_hint),
     Exercise("ch02.cross_attention",
              "cross_attention(x (B, L_x, E), context (B, L_c, C), W_q (d, E), W_k (d, C), W_v (d, C)) "
              "-> (B, L_x, d)",
              _cross_cases, _cross_expected, _cross_solution, _cross_hint),
+    Exercise("ch02.attentive_decoder_step",
+             "attentive_decoder_step(state (B, H), enc_states (B, S, H), src_mask (B, S) bool, "
+             "W_out (V, 2H), b_out (V,)) -> (logits (B, V), weights (B, S))",
+             _dec_cases, _dec_expected, _dec_solution, _dec_hint),
 ]

@@ -1,20 +1,32 @@
-"""Chapter 3 exercises: Gumbel noise, the REINFORCE surrogate, local-p weights, receptive fields."""
+"""Chapter 3 exercises: Gumbel noise, straight-through Gumbel, the REINFORCE surrogate, local-p
+weights, receptive fields.
+
+Expected answers come from package functions bound here at import time; for the two
+estimators the checker also checks gradients, not only values. Above each exercise, a
+comment lists the mistakes learners make; a case catches each one.
+"""
 
 from __future__ import annotations
 
-import math
-
 import torch
 
-from .. import variants
-from ._core import Case, Exercise
+from ..variants import conv_receptive_field as _conv_receptive_field
+from ..variants import local_window_weights as _local_window_weights
+from ._core import Case, Exercise, close, finite, matches
 
 
 def _gen(seed):
     return torch.Generator().manual_seed(seed)
 
 
+def _gumbel(u):
+    return -torch.log(-torch.log(u))
+
+
 # --- ch03.gumbel_softmax ----------------------------------------------------------------------
+# Mistakes: -log(u) as the noise; +log(-log(u)) (the sign); no temperature, or multiplying by
+# tau (the cases use tau != 1); dividing only the logits by tau; the softmax over the wrong
+# axis (2-D cases); drawing fresh noise instead of using the given uniform samples.
 
 def _gumbel_solution(logits, uniform, tau):
     gumbel = -torch.log(-torch.log(uniform))        # Gumbel(0, 1) noise from uniform samples
@@ -22,8 +34,7 @@ def _gumbel_solution(logits, uniform, tau):
 
 
 def _gumbel_expected(logits, uniform, tau):
-    g = -torch.log(-torch.log(uniform.double()))
-    return torch.softmax((logits.double() + g) / tau, dim=-1).to(logits.dtype)
+    return torch.softmax((logits.double() + _gumbel(uniform.double())) / tau, dim=-1).to(logits.dtype)
 
 
 def _gumbel_cases():
@@ -37,14 +48,97 @@ def _gumbel_cases():
 
 def _gumbel_hint(case, got, expected):
     logits, u, tau = case.args
-    if torch.allclose(got.double(), torch.softmax((logits.double() - torch.log(u.double())) / tau, -1), atol=1e-5):
-        return "Gumbel noise is -log(-log(u)), not -log(u)."
-    if torch.allclose(got.double(), torch.softmax(logits.double() + (-torch.log(-torch.log(u.double()))), -1), atol=1e-5):
-        return "divide (logits + noise) by the temperature tau before the softmax."
-    return "y = softmax((logits + g) / tau) with g = -log(-log(u)), over the last axis."
+    if not isinstance(got, torch.Tensor) or got.shape != expected.shape or not finite(got):
+        return None
+    lg, u = logits.double(), u.double()
+    g = _gumbel(u)
+    for variant, text in (
+            (torch.softmax((lg - torch.log(u)) / tau, -1), "Gumbel noise is -log(-log(u)), not -log(u)."),
+            (torch.softmax((lg - g) / tau, -1), "check the sign: g = -log(-log(u))."),
+            (torch.softmax(lg + g, -1), "divide (logits + noise) by the temperature tau before the softmax."),
+            (torch.softmax((lg + g) * tau, -1), "divide by the temperature tau, do not multiply."),
+            (torch.softmax(lg / tau + g, -1), "divide the noisy logits (logits + g) by tau, not the "
+                                             "logits alone."),
+            (torch.softmax((lg + g) / tau, 0), "the softmax goes over the last axis (dim=-1)."),
+            (torch.softmax(lg / tau, -1), "add the Gumbel noise g = -log(-log(u)) to the logits.")):
+        if matches(got, variant, expected):
+            return text
+    return ("y = softmax((logits + g) / tau) with g = -log(-log(uniform)), from the uniform samples "
+            "you are given (not fresh noise, such as F.gumbel_softmax draws).")
+
+
+# --- ch03.straight_through_gumbel ---------------------------------------------------------------
+# Mistakes: returning the soft sample (the forward value must be one-hot); the one-hot of
+# argmax(logits) without the noise; a one-hot with no gradient at all (F.one_hot alone, or
+# an int tensor); onehot - y + y without detach (value right, gradient exactly zero); the
+# gradient of softmax(logits) or of y without the temperature; fresh noise.
+
+def _st_solution(logits, uniform, tau):
+    y = torch.softmax((logits - torch.log(-torch.log(uniform))) / tau, dim=-1)   # the soft sample
+    index = y.argmax(dim=-1, keepdim=True)
+    hard = torch.zeros_like(y).scatter(-1, index, 1.0)                            # one-hot, no gradient
+    return hard - y.detach() + y          # forward: hard; backward: the gradient of y
+
+
+def _st_expected(logits, uniform, tau):
+    y = torch.softmax((logits.double() + _gumbel(uniform.double())) / tau, dim=-1)
+    return torch.nn.functional.one_hot(y.argmax(-1), y.shape[-1]).to(logits.dtype)
+
+
+def _st_cases():
+    g = _gen(33)
+    cases = []
+    for shape, tau in (((6,), 1.0), ((3, 5), 0.5), ((4, 4), 2.0), ((2, 8), 0.25)):
+        u = torch.rand(*shape, generator=g).clamp(1e-6, 1 - 1e-6)
+        cases.append(Case(f"logits {shape}, tau {tau}", (torch.randn(*shape, generator=g), u, tau)))
+    return cases
+
+
+def _st_hint(case, got, expected):
+    logits, u, tau = case.args
+    if not isinstance(got, torch.Tensor) or got.shape != expected.shape or not finite(got):
+        return None
+    y = torch.softmax((logits.double() + _gumbel(u.double())) / tau, -1)
+    if close(got, y):
+        return ("that is the soft sample y: the forward value must be its one-hot arg-max; keep y's "
+                "gradient with onehot - y.detach() + y.")
+    plain = torch.nn.functional.one_hot(logits.argmax(-1), logits.shape[-1]).double()
+    if matches(got, plain, expected):
+        return "take the arg-max of the noisy sample y = softmax((logits + g) / tau), not of the logits."
+    return "the forward value is one_hot(argmax(y)), with y = softmax((logits + g) / tau)."
+
+
+def _st_verify(case, fn, got):
+    logits, u, tau = case.args
+    weights = torch.randn(logits.shape, generator=_gen(34), dtype=torch.float64)
+    with torch.enable_grad():
+        x = logits.clone().requires_grad_(True)
+        out = fn(x, u.clone(), tau)
+        if not isinstance(out, torch.Tensor) or not out.requires_grad or out.grad_fn is None:
+            return ("the value is right but no gradient reaches the logits: a one-hot has none. Return "
+                    "onehot - y.detach() + y, which is the one-hot going forward and y going backward.")
+        (grad,) = torch.autograd.grad((out.double() * weights).sum(), x, allow_unused=True)
+        x2 = logits.double().clone().requires_grad_(True)
+        y = torch.softmax((x2 + _gumbel(u.double())) / tau, -1)
+        (want,) = torch.autograd.grad((y * weights).sum(), x2)
+        x3 = logits.double().clone().requires_grad_(True)
+        (no_tau,) = torch.autograd.grad((torch.softmax(x3 + _gumbel(u.double()), -1) * weights).sum(), x3)
+    if grad is None or not bool(grad.abs().gt(1e-12).any()):
+        return ("the value is right but the gradient is zero: in onehot - y + y the two y cancel in the "
+                "backward pass too. Detach the one you subtract: onehot - y.detach() + y.")
+    if close(grad, want, atol=1e-5, rtol=1e-3):
+        return None
+    if close(grad, no_tau, atol=1e-5, rtol=1e-3):
+        return "the gradient must be that of y = softmax((logits + g) / tau): the temperature is missing."
+    return ("the value is right but the gradient is not that of the soft sample y = softmax((logits + g) "
+            "/ tau): return onehot - y.detach() + y.")
 
 
 # --- ch03.reinforce_surrogate -----------------------------------------------------------------
+# Mistakes: log_probs.detach() (the value is right, but no gradient reaches the scorer);
+# not detaching the losses (a gradient flows into the losses, which are rewards here);
+# no baseline (the cases use b != 0); the wrong sign; the sum instead of the mean;
+# probabilities instead of log-probabilities.
 
 def _reinforce_solution(log_probs, losses, baseline):
     advantage = losses.detach() - baseline          # how much worse than usual this sample was
@@ -57,21 +151,60 @@ def _reinforce_expected(log_probs, losses, baseline):
 
 def _reinforce_cases():
     g = _gen(31)
-    return [Case(f"batch of {n}, baseline {b}", (-torch.rand(n, generator=g) * 3, torch.rand(n, generator=g) * 2, b))
-            for n, b in ((4, 0.0), (8, 0.5), (16, 1.2))]
+    cases = [Case(f"batch of {n}, baseline {b}", (-torch.rand(n, generator=g) * 3, torch.rand(n, generator=g) * 2, b))
+             for n, b in ((4, 0.0), (8, 0.5), (16, 1.2))]
+    cases.append(Case("batch of 5, baseline given as a tensor (a running mean)",
+                      (-torch.rand(5, generator=g) * 3, torch.rand(5, generator=g) * 2, torch.tensor(0.8))))
+    return cases
 
 
 def _reinforce_hint(case, got, expected):
-    log_p, losses, b = case.args
-    value = float(got) if isinstance(got, torch.Tensor) and got.numel() == 1 else None
-    if value is not None and math.isclose(value, float((losses * log_p).mean()), rel_tol=1e-4) and b:
-        return "subtract the baseline from each loss: (loss - baseline) * log_prob."
-    if value is not None and math.isclose(value, -float(expected), rel_tol=1e-4):
-        return "check the sign: minimising (loss - baseline) * log_prob lowers the probability of bad samples."
-    return "the surrogate is the mean over the batch of (loss - baseline) * log_prob."
+    log_p, losses, b = (t.double() if isinstance(t, torch.Tensor) else t for t in case.args)
+    if not isinstance(got, torch.Tensor) or got.numel() != 1 or not finite(got):
+        return None
+    value = got.reshape(())
+    exp = expected.double()
+    for variant, text in (
+            ((losses * log_p).mean(), "subtract the baseline from each loss: (loss - baseline) * log_prob."),
+            (-exp, "check the sign: minimising (loss - baseline) * log_prob lowers the probability of "
+                   "bad samples."),
+            (((losses - b) * log_p).sum(), "take the mean over the batch, not the sum."),
+            (((losses - b) * log_p.exp()).mean(), "use the log-probabilities: their gradient is the "
+                                                  "score function."),
+            (((losses.mean() - b) * log_p.mean()), "weight each sample's log-probability by its own "
+                                                   "(loss - baseline), then average.")):
+        if matches(value, variant.reshape(()), exp.reshape(())):
+            return text
+    return None
+
+
+def _reinforce_verify(case, fn, got):
+    log_probs, losses, baseline = case.args
+    with torch.enable_grad():
+        lp = log_probs.clone().requires_grad_(True)
+        ls = losses.clone().requires_grad_(True)
+        out = fn(lp, ls, baseline)
+        if not isinstance(out, torch.Tensor) or out.grad_fn is None:
+            return ("the value is right but no gradient reaches log_probs: did you detach them? The "
+                    "gradient of this surrogate with respect to log_probs is the whole point: it is the "
+                    "REINFORCE estimator.")
+        g_lp, g_ls = torch.autograd.grad(out.sum(), [lp, ls], allow_unused=True)
+    if g_ls is not None and bool(g_ls.abs().gt(1e-12).any()):
+        return ("the value is right but a gradient flows into the losses: treat them as constants "
+                "(losses.detach()). The losses score the sampled choice; REINFORCE differentiates only "
+                "the log-probability of that choice.")
+    want = (losses.double() - float(baseline)) / losses.numel()
+    if g_lp is None or not close(g_lp, want, atol=1e-6, rtol=1e-4):
+        return ("the gradient with respect to log_probs should be (loss - baseline) / batch size for "
+                "each sample.")
+    return None
 
 
 # --- ch03.local_p_weights --------------------------------------------------------------------
+# Mistakes: no Gaussian (plain local-m weights); the window around p_t unrounded
+# (|s - p_t| <= D); the Gaussian centred on round(p_t); sigma = D instead of D / 2; the softmax
+# over all positions instead of the window; renormalising after the Gaussian (local-p's
+# weights do not sum to 1).
 
 def _localp_solution(scores, centres, window):
     S = scores.shape[-1]
@@ -83,7 +216,7 @@ def _localp_solution(scores, centres, window):
 
 
 def _localp_expected(scores, centres, window):
-    return variants.local_window_weights(scores, centres, window, gaussian=True)
+    return _local_window_weights(scores, centres, window, gaussian=True)
 
 
 def _localp_cases():
@@ -92,18 +225,48 @@ def _localp_cases():
     for T, S, D in ((2, 6, 1), (4, 10, 2), (3, 16, 4)):
         cases.append(Case(f"scores ({T}, {S}), window {D}",
                           (torch.randn(T, S, generator=g), (S - 1) * torch.rand(T, generator=g), D)))
+    cases.append(Case("centres near both ends, window 3",
+                      (torch.randn(3, 12, generator=g), torch.tensor([0.3, 10.7, 5.4]), 3)))
     return cases
 
 
 def _localp_hint(case, got, expected):
-    scores, centres, D = case.args
-    plain = variants.local_window_weights(scores, centres, D)
-    if got.shape == expected.shape and torch.allclose(got, plain, atol=1e-5):
-        return "local-p also scales the window softmax by exp(-(s - p_t)^2 / (2 sigma^2)), sigma = window / 2."
-    return "softmax over |s - round(p_t)| <= window only, then multiply by the Gaussian centred at p_t."
+    scores, centres, D = (t.double() if isinstance(t, torch.Tensor) else t for t in case.args)
+    if not isinstance(got, torch.Tensor) or got.shape != expected.shape or not finite(got):
+        return None
+    s = torch.arange(scores.shape[-1], dtype=torch.float64)
+
+    def window_softmax(inside):
+        return torch.softmax(scores.masked_fill(~inside, float("-inf")), -1).nan_to_num(0.0)
+
+    def gauss(centre, sigma):
+        return torch.exp(-((s[None, :] - centre[:, None]) ** 2) / (2 * sigma**2))
+
+    rounded = (s[None, :] - torch.round(centres)[:, None]).abs() <= D
+    sigma = max(D, 1) / 2
+    local_m = window_softmax(rounded)
+    right = local_m * gauss(centres, sigma)
+    for variant, text in (
+            (local_m, "local-p also scales the window softmax by exp(-(s - p_t)^2 / (2 sigma^2)), "
+                      "sigma = window / 2."),
+            (window_softmax((s[None, :] - centres[:, None]).abs() <= D) * gauss(centres, sigma),
+             "the window is |s - round(p_t)| <= D: round the centre for the window (only the Gaussian "
+             "uses p_t itself)."),
+            (local_m * gauss(torch.round(centres), sigma), "centre the Gaussian on p_t itself, not on "
+                                                           "round(p_t)."),
+            (local_m * gauss(centres, max(D, 1)), "sigma = window / 2, not window."),
+            (torch.softmax(scores, -1) * gauss(centres, sigma), "the softmax covers only the window "
+                                                               "|s - round(p_t)| <= D."),
+            (right / right.sum(-1, keepdim=True), "do not renormalise after the Gaussian: local-p's "
+                                                  "weights are the window softmax times the Gaussian.")):
+        if matches(got, variant, expected):
+            return text
+    return None
 
 
 # --- ch03.conv_receptive_field ---------------------------------------------------------------
+# Mistakes: num_layers * kernel_size (layers overlap: each adds kernel_size - 1); dilation
+# ignored; the + 1 for the output position itself forgotten; dilation applied as d ** layer.
 
 def _rf_solution(num_layers, kernel_size, dilation):
     return 1 + num_layers * (kernel_size - 1) * dilation  # each layer widens the view by (K - 1) * d
@@ -116,21 +279,34 @@ def _rf_cases():
 
 def _rf_hint(case, got, expected):
     n, k, d = case.args
-    if got == n * k:
+    if isinstance(got, torch.Tensor) and got.numel() == 1:
+        got = got.item()
+    if type(got) not in (int, float) or got == expected:
+        return None
+    if got == n * k and n * k != expected:
         return "stacked layers overlap: each one adds kernel_size - 1 positions, not kernel_size."
     if got == 1 + n * (k - 1) and d > 1:
         return "a dilation d spreads each kernel's taps d apart: multiply the growth by d."
+    if got == n * (k - 1) * d:
+        return "count the output's own position too: 1 + ..."
+    if d > 1 and got == 1 + (k - 1) * sum(d**i for i in range(n)):
+        return "here every layer has the same dilation d (not d ** layer as in WaveNet)."
     return None
 
 
 EXERCISES = [
     Exercise("ch03.gumbel_softmax", "gumbel_softmax(logits, uniform, tau) -> soft sample, same shape",
              _gumbel_cases, _gumbel_expected, _gumbel_solution, _gumbel_hint),
+    Exercise("ch03.straight_through_gumbel",
+             "straight_through_gumbel(logits, uniform, tau) -> one-hot sample (float, same shape) whose "
+             "gradient is that of softmax((logits + g) / tau)",
+             _st_cases, _st_expected, _st_solution, _st_hint, verify=_st_verify),
     Exercise("ch03.reinforce_surrogate",
              "reinforce_surrogate(log_probs (B,), losses (B,), baseline) -> scalar tensor",
-             _reinforce_cases, _reinforce_expected, _reinforce_solution, _reinforce_hint),
+             _reinforce_cases, _reinforce_expected, _reinforce_solution, _reinforce_hint,
+             verify=_reinforce_verify),
     Exercise("ch03.local_p_weights", "local_p_weights(scores (T, S), centres (T,), window) -> (T, S)",
              _localp_cases, _localp_expected, _localp_solution, _localp_hint),
     Exercise("ch03.conv_receptive_field", "conv_receptive_field(num_layers, kernel_size, dilation) -> int",
-             _rf_cases, variants.conv_receptive_field, _rf_solution, _rf_hint, atol=0, rtol=0),
+             _rf_cases, _conv_receptive_field, _rf_solution, _rf_hint, atol=0, rtol=0),
 ]

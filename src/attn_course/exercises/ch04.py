@@ -1,18 +1,40 @@
-"""Chapter 4 exercises: splitting and merging heads, torch's masks, parameter and cache counts."""
+"""Chapter 4 exercises: splitting and merging heads, torch's masks, a whole multi-head forward
+pass from its weights, parameter and cache counts.
+
+Expected answers come from package functions bound here at import time. Above each
+exercise, a comment lists the mistakes learners make; a case catches each one.
+"""
 
 from __future__ import annotations
 
+import math
+
 import torch
 
-from .. import multihead
-from ._core import Case, Exercise
+from ..multihead import MultiHeadAttention as _MultiHeadAttention
+from ..multihead import count_parameters as _count_parameters
+from ..multihead import kv_cache_bytes as _kv_cache_bytes
+from ..multihead import masks_from_torch as _masks_from_torch
+from ..multihead import merge_heads as _merge_heads
+from ..multihead import split_heads as _split_heads
+from ._core import Case, Exercise, finite, matches
 
 
 def _gen(seed: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
 
 
+def _number(got):
+    if isinstance(got, torch.Tensor) and got.numel() == 1:
+        got = got.item()
+    return got if type(got) in (int, float) else None
+
+
 # --- ch04.split_heads / ch04.merge_heads ----------------------------------------------------------
+# Mistakes (split): no transpose, (B, L, H, d); reshaping straight to (B, H, L, d), which mixes
+# positions and heads; giving head h every H-th feature (reshape to (B, L, d, H)) instead of a
+# contiguous slice. (merge): reshaping (B, H, L, d) straight to (B, L, H * d); the wrong
+# transpose, which interleaves the heads' features.
 
 def _split_solution(x, num_heads):
     B, L, E = x.shape
@@ -39,21 +61,35 @@ def _merge_cases():
 def _split_hint(case, got, expected):
     x, h = case.args
     B, L, E = x.shape
-    if tuple(got.shape) == (B, L, h, E // h):
+    if not isinstance(got, torch.Tensor):
+        return None
+    if tuple(got.shape) == (B, L, h, E // h) and (B, L, h, E // h) != tuple(expected.shape):
         return "that is (B, L, H, d): move the head axis in front of the positions with .transpose(1, 2)."
-    if got.shape == expected.shape:
+    if got.shape != expected.shape:
+        return None
+    if matches(got, x.reshape(B, h, L, E // h), expected, atol=0, rtol=0):
         return ("reshape to (B, L, H, d) first, then transpose: reshaping straight to (B, H, L, d) "
                 "mixes positions and heads.")
+    if matches(got, x.reshape(B, L, E // h, h).permute(0, 3, 1, 2), expected, atol=0, rtol=0):
+        return "head h gets the contiguous features h*d .. (h+1)*d - 1, not every H-th feature."
     return None
 
 
 def _merge_hint(case, got, expected):
-    if got.shape == expected.shape:
+    (x,) = case.args
+    B, H, L, d = x.shape
+    if not isinstance(got, torch.Tensor) or got.shape != expected.shape:
+        return None
+    if matches(got, x.reshape(B, L, H * d), expected, atol=0, rtol=0):
         return "transpose back to (B, L, H, d) before reshaping to (B, L, H * d)."
+    if matches(got, x.permute(0, 2, 3, 1).reshape(B, L, H * d), expected, atol=0, rtol=0):
+        return "keep each head's d features together: x.transpose(1, 2), then reshape."
     return None
 
 
 # --- ch04.masks_from_torch ------------------------------------------------------------------------
+# Mistakes: not inverting (torch's True = blocked); inverting only one of the two masks;
+# combining with | instead of &; the shape (B, L_q, L_k) without the head axis.
 
 def _masks_solution(attn_mask, key_padding_mask):
     allowed = ~attn_mask                      # (L_q, L_k): torch's True = blocked
@@ -75,18 +111,111 @@ def _masks_cases():
 
 
 def _masks_hint(case, got, expected):
+    attn, pad = case.args
+    if not isinstance(got, torch.Tensor):
+        return None
     if got.dtype != torch.bool:
         return "return a bool tensor."
-    if got.shape == expected.shape and torch.equal(got, ~expected):
-        return "torch's True means 'masked out'; ours means 'may attend': invert both masks."
-    if got.shape == expected.shape:
-        attn, pad = case.args
-        if torch.equal(got, (~attn)[None, None] | (~pad)[:, None, None]):
-            return "a key is allowed only if BOTH masks allow it: combine with &, not |."
-    return "shape (B, 1, L_q, L_k): attn_mask goes to [None, None, :, :], key_padding_mask to [:, None, None, :]."
+    if got.ndim == 3 and got.shape == expected.shape[:1] + expected.shape[2:]:
+        return "add a head axis of size 1: (B, 1, L_q, L_k) broadcasts over the heads."
+    if got.shape != expected.shape:
+        return "shape (B, 1, L_q, L_k): attn_mask goes to [None, None, :, :], key_padding_mask to [:, None, None, :]."
+    a, p = attn[None, None], pad[:, None, None]
+    for variant, text in (
+            (a | p, "torch's True means 'masked out'; ours means 'may attend': invert both masks."),
+            ((~a) & p, "invert the key_padding_mask too: torch's True marks the padding."),
+            (a & ~p, "invert the attn_mask too: torch's True marks what is blocked."),
+            ((~a) | (~p), "a key is allowed only if BOTH masks allow it: combine with &, not |.")):
+        if torch.equal(got, variant) and not torch.equal(variant, expected):
+            return text
+    return None
+
+
+# --- ch04.multihead_forward -----------------------------------------------------------------------
+# Mistakes: scaling by sqrt(E) instead of sqrt(d) = sqrt(E / H); splitting without the transpose
+# (or reshaping straight to (B, H, L, d)); merging without the transpose; leaving out W_O; using
+# the weights untransposed (x @ W: they are (out, in) as in nn.Linear); one big head (num_heads
+# ignored); the softmax over the queries. L_q != L_k in one case.
+
+def _mha_solution(query, key, value, W_q, W_k, W_v, W_o, num_heads):
+    B, L_q, E = query.shape
+    L_k, d = key.shape[1], E // num_heads
+
+    def heads(x, W, L):
+        return (x @ W.T).reshape(B, L, num_heads, d).transpose(1, 2)        # (B, H, L, d)
+
+    q, k, v = heads(query, W_q, L_q), heads(key, W_k, L_k), heads(value, W_v, L_k)
+    weights = torch.softmax(q @ k.transpose(-2, -1) / math.sqrt(d), dim=-1)  # (B, H, L_q, L_k)
+    out = (weights @ v).transpose(1, 2).reshape(B, L_q, E)                   # heads side by side
+    return out @ W_o.T
+
+
+def _mha_expected(query, key, value, W_q, W_k, W_v, W_o, num_heads):
+    E = query.shape[-1]
+    module = _MultiHeadAttention(E, num_heads, bias=False).to(query.dtype)
+    with torch.no_grad():
+        for proj, W in ((module.q_proj, W_q), (module.k_proj, W_k), (module.v_proj, W_v), (module.out_proj, W_o)):
+            proj.weight.copy_(W)
+        return module(query, key, value, need_weights=False)[0]
+
+
+def _mha_cases():
+    g = _gen(43)
+    r = lambda *s: torch.randn(*s, generator=g)  # noqa: E731
+    cases = []
+    for B, L_q, L_k, E, H in ((2, 5, 5, 12, 3), (1, 3, 6, 8, 2), (2, 4, 4, 8, 8), (1, 2, 3, 6, 1)):
+        W = [r(E, E) / math.sqrt(E) for _ in range(4)]
+        cases.append(Case(f"query ({B}, {L_q}, {E}), key/value ({B}, {L_k}, {E}), {H} heads",
+                          (r(B, L_q, E), r(B, L_k, E), r(B, L_k, E), *W, H)))
+    return cases
+
+
+def _mha_variant(query, key, value, W_q, W_k, W_v, W_o, H, *, scale="d", transpose_w=True,
+                 split="right", merge="right", out_proj=True, dim=-1):
+    B, L_q, E = query.shape
+    L_k, d = key.shape[1], E // H
+
+    def proj(x, W):
+        return x @ (W.T if transpose_w else W)
+
+    def heads(x, L):
+        if split == "no transpose":
+            return x.reshape(B, H, L, d)
+        return x.reshape(B, L, H, d).transpose(1, 2)
+
+    q, k, v = heads(proj(query, W_q), L_q), heads(proj(key, W_k), L_k), heads(proj(value, W_v), L_k)
+    s = q @ k.transpose(-2, -1) / math.sqrt(d if scale == "d" else E)
+    o = torch.softmax(s, dim=dim) @ v
+    o = o.reshape(B, L_q, E) if merge == "no transpose" else o.transpose(1, 2).reshape(B, L_q, E)
+    return proj(o, W_o) if out_proj else o
+
+
+def _mha_hint(case, got, expected):
+    args = tuple(t.double() if isinstance(t, torch.Tensor) else t for t in case.args)
+    H = args[-1]
+    if not isinstance(got, torch.Tensor) or got.shape != expected.shape or not finite(got):
+        return None
+    for kwargs, text in (
+            ({"scale": "E"}, "each head's scores are divided by sqrt(d), d = E / num_heads, the head's "
+                             "width, not sqrt(E)."),
+            ({"split": "no transpose"}, "split with reshape(B, L, H, d).transpose(1, 2): reshaping "
+                                        "straight to (B, H, L, d) mixes positions and heads."),
+            ({"merge": "no transpose"}, "merge with transpose(1, 2) before reshape(B, L, E): the heads' "
+                                        "outputs must be put side by side per position."),
+            ({"out_proj": False}, "finish with the output projection W_o."),
+            ({"transpose_w": False}, "the weights are (out, in) as in nn.Linear: project with x @ W.T."),
+            ({"dim": -2}, "the softmax goes over the keys, the last axis.")):
+        if matches(got, _mha_variant(*args, **kwargs), expected):
+            return text
+    if H > 1 and matches(got, _mha_variant(*args[:-1], 1), expected):
+        return "split into num_heads heads: one head of width E is a different function."
+    return None
 
 
 # --- ch04.mha_parameter_count -------------------------------------------------------------------
+# Mistakes: the output projection W_O left out; the biases left out (or counted when bias is
+# False); W_K and W_V taken as E x E although kdim and vdim differ; multiplying by the number
+# of heads.
 
 def _params_solution(embed_dim, num_heads, kdim, vdim, bias):
     E = embed_dim
@@ -96,8 +225,7 @@ def _params_solution(embed_dim, num_heads, kdim, vdim, bias):
 
 
 def _params_expected(embed_dim, num_heads, kdim, vdim, bias):
-    return multihead.count_parameters(
-        multihead.MultiHeadAttention(embed_dim, num_heads, kdim=kdim, vdim=vdim, bias=bias))
+    return _count_parameters(_MultiHeadAttention(embed_dim, num_heads, kdim=kdim, vdim=vdim, bias=bias))
 
 
 def _params_cases():
@@ -108,20 +236,25 @@ def _params_cases():
 
 def _params_hint(case, got, expected):
     E, H, k, v, bias = case.args
-    if not isinstance(got, int):
+    got = _number(got)
+    if got is None or got == expected:
         return None
     if got == expected - E * E - (E if bias else 0):
         return "you left out the output projection W_O (E x E, plus its bias)."
     if bias and got == expected - 4 * E:
         return "each of the four projections has a bias of size E."
-    if got == 4 * E * E + (4 * E if bias else 0) and (k, v) != (E, E):
+    if not bias and got == expected + 4 * E:
+        return "bias=False: no biases at all."
+    if (k, v) != (E, E) and got in (4 * E * E + (4 * E if bias else 0), 4 * E * E + 4 * E, 4 * E * E):
         return "W_K maps kdim features to E, and W_V maps vdim features to E."
-    if got != expected and H > 1:
+    if H > 1 and got == expected * H:
         return "the number of heads does not change the count: heads split E, they do not add weights."
     return None
 
 
 # --- ch04.kv_cache_bytes ------------------------------------------------------------------------
+# Mistakes: forgetting the factor 2 (keys AND values); forgetting the layers, the batch or the
+# bytes per value.
 
 def _cache_solution(num_layers, num_kv_heads, head_dim, seq_len, batch_size, bytes_per_value):
     per_token = 2 * num_kv_heads * head_dim  # a key and a value vector per KV head
@@ -136,25 +269,42 @@ def _cache_cases():
 
 
 def _cache_hint(case, got, expected):
-    if isinstance(got, (int, float)) and got * 2 == expected:
-        return "the cache holds keys AND values: count both."
-    return "bytes = 2 (K and V) x layers x KV heads x head_dim x tokens x batch x bytes per value."
+    n, g, d, L, B, s = case.args
+    got = _number(got)
+    if got is None or got == expected:
+        return None
+    # every missing factor that explains the answer (two may coincide, e.g. 2 bytes per value)
+    fits = [text for factor, text in ((2, "the cache holds keys AND values: count both"),
+                                      (n, "every layer has its own cache: multiply by num_layers"),
+                                      (B, "every sequence in the batch has its own cache: multiply by "
+                                          "batch_size"),
+                                      (s, "count bytes, not values: multiply by bytes_per_value"))
+            if factor > 1 and got * factor == expected]
+    if len(fits) == 1:
+        return fits[0] + "."
+    if fits:
+        return "one factor is missing, and here several fit: " + "; or ".join(fits) + "."
+    return None
 
 
 EXERCISES = [
     Exercise("ch04.split_heads", "split_heads(x (B, L, E), num_heads) -> (B, H, L, E / H)",
-             _split_cases, multihead.split_heads, _split_solution, _split_hint),
+             _split_cases, _split_heads, _split_solution, _split_hint),
     Exercise("ch04.merge_heads", "merge_heads(x (B, H, L, d)) -> (B, L, H * d)",
-             _merge_cases, multihead.merge_heads, _merge_solution, _merge_hint),
+             _merge_cases, _merge_heads, _merge_solution, _merge_hint),
     Exercise("ch04.masks_from_torch",
              "masks_from_torch(attn_mask (L_q, L_k), key_padding_mask (B, L_k)) -> "
              "bool mask (B, 1, L_q, L_k), True = may attend",
-             _masks_cases, multihead.masks_from_torch, _masks_solution, _masks_hint),
+             _masks_cases, _masks_from_torch, _masks_solution, _masks_hint),
+    Exercise("ch04.multihead_forward",
+             "multihead_forward(query (B, L_q, E), key (B, L_k, E), value (B, L_k, E), W_q, W_k, W_v, "
+             "W_o (E, E) each, num_heads) -> (B, L_q, E), no biases",
+             _mha_cases, _mha_expected, _mha_solution, _mha_hint),
     Exercise("ch04.mha_parameter_count",
              "mha_parameter_count(embed_dim, num_heads, kdim, vdim, bias) -> int",
              _params_cases, _params_expected, _params_solution, _params_hint, atol=0, rtol=0),
     Exercise("ch04.kv_cache_bytes",
              "kv_cache_bytes(num_layers, num_kv_heads, head_dim, seq_len, batch_size, "
              "bytes_per_value) -> int",
-             _cache_cases, multihead.kv_cache_bytes, _cache_solution, _cache_hint, atol=0, rtol=0),
+             _cache_cases, _kv_cache_bytes, _cache_solution, _cache_hint, atol=0, rtol=0),
 ]

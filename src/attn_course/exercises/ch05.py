@@ -1,4 +1,9 @@
-"""Chapter 5 exercises: the sinusoidal table, RoPE, ALiBi slopes, relative distance indices."""
+"""Chapter 5 exercises: the sinusoidal table, RoPE, RoPE scores that depend on offsets only,
+ALiBi slopes, relative distance indices.
+
+Expected answers come from package functions bound here at import time. Above each
+exercise, a comment lists the mistakes learners make; a case catches each one.
+"""
 
 from __future__ import annotations
 
@@ -6,15 +11,34 @@ import math
 
 import torch
 
-from .. import positional
-from ._core import Case, Exercise
+from ..positional import alibi_slopes as _alibi_slopes
+from ..positional import apply_rope as _apply_rope
+from ..positional import relative_position_index as _relative_position_index
+from ..positional import sinusoidal_encoding as _sinusoidal_encoding
+from ._core import Case, Exercise, finite, matches
 
 
 def _gen(seed: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
 
 
+def _freqs(d, exponent="2i/d"):
+    i = torch.arange(0, d, 2, dtype=torch.float64) if exponent == "2i/d" else \
+        torch.arange(d // 2, dtype=torch.float64)
+    return 10000.0 ** (-i / d)
+
+
+def _table(positions, d, *, layout="interleaved", exponent="2i/d", swap=False):
+    angle = positions.double()[:, None] * _freqs(d, exponent)[None, :]
+    first, second = (torch.cos(angle), torch.sin(angle)) if swap else (torch.sin(angle), torch.cos(angle))
+    if layout == "halves":
+        return torch.cat([first, second], -1)
+    return torch.stack([first, second], -1).flatten(-2)
+
+
 # --- ch05.sinusoidal_encoding ---------------------------------------------------------------------
+# Mistakes: sine and cosine swapped; the exponent i/d instead of 2i/d (i counting pairs); all
+# sines then all cosines (two halves) instead of interleaved; positions counted from 1.
 
 def _sin_solution(length, dim):
     pos = torch.arange(length, dtype=torch.float64)[:, None]                # (L, 1)
@@ -31,22 +55,26 @@ def _sin_cases():
 
 def _sin_hint(case, got, expected):
     L, d = case.args
-    if got.shape != expected.shape:
+    if not isinstance(got, torch.Tensor) or got.shape != expected.shape or not finite(got):
         return None
-    swapped = expected.clone()
-    swapped[:, 0::2], swapped[:, 1::2] = expected[:, 1::2], expected[:, 0::2]
-    if torch.allclose(got.double(), swapped.double(), atol=1e-4):
-        return "sine goes in the even columns (2i), cosine in the odd ones (2i+1)."
-    pos = torch.arange(L, dtype=torch.float64)[:, None]
-    wrong = torch.zeros(L, d, dtype=torch.float64)
-    inv = 10000.0 ** (-torch.arange(d // 2, dtype=torch.float64) / d)  # i/d instead of 2i/d
-    wrong[:, 0::2], wrong[:, 1::2] = torch.sin(pos * inv), torch.cos(pos * inv)
-    if torch.allclose(got.double(), wrong, atol=1e-4):
-        return "the exponent is 2i/dim, where i counts pairs: use torch.arange(0, dim, 2) / dim."
-    return "PE[p, 2i] = sin(p / 10000**(2i/dim)) and PE[p, 2i+1] = cos(p / 10000**(2i/dim))."
+    p = torch.arange(L)
+    for variant, text in (
+            (_table(p, d, swap=True), "sine goes in the even columns (2i), cosine in the odd ones (2i+1)."),
+            (_table(p, d, exponent="i/d"), "the exponent is 2i/dim, where i counts pairs: use "
+                                           "torch.arange(0, dim, 2) / dim."),
+            (_table(p, d, layout="halves"), "interleave: column 2i holds sin and column 2i+1 cos of the "
+                                            "same frequency (not all sines, then all cosines)."),
+            (_table(p + 1, d), "positions start at 0.")):
+        if matches(got, variant, expected, atol=1e-4):
+            return text
+    return None
 
 
 # --- ch05.apply_rope --------------------------------------------------------------------------
+# Mistakes: rotating the wrong way; pairing x[i] with x[i + d/2] (the "rotate-half" layout of
+# GPT-NeoX and Llama: a valid RoPE, but a permutation of this exercise's interleaved pairs);
+# ignoring the given positions (using 0 .. L-1; the cases use 3, 5, 7...); the exponent i/d;
+# overwriting x_2i before computing x_2i+1 from it.
 
 def _rope_solution(x, positions):
     d = x.shape[-1]
@@ -60,7 +88,7 @@ def _rope_solution(x, positions):
 
 
 def _rope_expected(x, positions):
-    return positional.apply_rope(x, positions)
+    return _apply_rope(x, positions)
 
 
 def _rope_cases():
@@ -73,22 +101,116 @@ def _rope_cases():
     ]
 
 
+def _rope_variant(x, pos, *, sign=1.0, layout="interleaved", exponent="2i/d", sequential=False):
+    x = x.double()
+    d = x.shape[-1]
+    theta = sign * pos.double()[:, None] * _freqs(d, exponent)
+    c, s = torch.cos(theta), torch.sin(theta)
+    if layout == "halves":
+        a, b = x[..., : d // 2], x[..., d // 2:]
+        return torch.cat([a * c - b * s, a * s + b * c], -1)
+    a, b = x[..., 0::2], x[..., 1::2]
+    new_a = a * c - b * s
+    new_b = (new_a if sequential else a) * s + b * c
+    return torch.stack([new_a, new_b], -1).flatten(-2)
+
+
 def _rope_hint(case, got, expected):
     x, pos = case.args
-    if got.shape != expected.shape:
+    if not isinstance(got, torch.Tensor) or got.shape != expected.shape or not finite(got):
         return None
-    if torch.allclose(got.double(), positional.apply_rope(x, -pos).double(), atol=1e-4):
-        return "you rotate the wrong way: (x0, x1) -> (x0 cos - x1 sin, x0 sin + x1 cos)."
-    d = x.shape[-1]
-    theta = pos[:, None].double() * 10000.0 ** (-torch.arange(0, d, 2, dtype=torch.float64) / d)
-    a, b = x[..., : d // 2].double(), x[..., d // 2:].double()
-    halves = torch.cat([a * torch.cos(theta) - b * torch.sin(theta), a * torch.sin(theta) + b * torch.cos(theta)], -1)
-    if torch.allclose(got.double(), halves, atol=1e-4):
-        return "the pairs are interleaved, (x[..., 0], x[..., 1]), (x[..., 2], x[..., 3]), ..., not the two halves."
-    return "pair i = (x[..., 2i], x[..., 2i+1]) turns by the angle position * 10000**(-2i/d)."
+    for kwargs, text in (
+            ({"sign": -1.0}, "you rotate the wrong way: (x0, x1) -> (x0 cos - x1 sin, x0 sin + x1 cos)."),
+            ({"layout": "halves"}, "that is the rotate-half layout (GPT-NeoX, Llama), which pairs x[i] with "
+                                   "x[i + d/2]: a valid RoPE, but this exercise uses the interleaved pairs "
+                                   "(x[..., 2i], x[..., 2i+1]) of RoFormer."),
+            ({"exponent": "i/d"}, "pair i turns by position * 10000**(-2i/d): use torch.arange(0, d, 2) / d."),
+            ({"sequential": True}, "compute both new coordinates from the OLD pair: you overwrote x_2i "
+                                   "before using it for x_2i+1.")):
+        if matches(got, _rope_variant(x, pos, **kwargs), expected, atol=1e-4):
+            return text
+    if matches(got, _rope_variant(x, torch.arange(x.shape[-2])), expected, atol=1e-4):
+        return "use the positions you are given, not 0 .. L-1."
+    return None
+
+
+# --- ch05.rope_scores -------------------------------------------------------------------------
+# Rotate q and k, each by its own positions, then the scaled dot product: scores that depend
+# only on the offset between query and key positions (two cases hold the same q and k at
+# positions shifted by 100). Mistakes: rotating only q (or only k); rotating k with the
+# query's positions; numbering the query from 0 in a decoding step (one query at position 7);
+# the rotation the wrong way for one of them (scores then depend on m + n); no 1/sqrt(d).
+
+def _rs_solution(q, k, q_positions, k_positions):
+    def rotate(x, positions):
+        d = x.shape[-1]
+        angle = positions[:, None].double() * 10000.0 ** (-torch.arange(0, d, 2, dtype=torch.float64) / d)
+        cos, sin = torch.cos(angle).to(x.dtype), torch.sin(angle).to(x.dtype)      # (L, d/2)
+        a, b = x[..., 0::2], x[..., 1::2]
+        return torch.stack([a * cos - b * sin, a * sin + b * cos], dim=-1).flatten(-2)
+
+    q, k = rotate(q, q_positions), rotate(k, k_positions)      # each by its own position
+    return q @ k.transpose(-2, -1) / math.sqrt(q.shape[-1])   # depends on the offsets only
+
+
+def _rs_expected(q, k, q_positions, k_positions):
+    qr, kr = _apply_rope(q, q_positions), _apply_rope(k, k_positions)
+    return qr @ kr.transpose(-2, -1) / math.sqrt(q.shape[-1])
+
+
+def _rs_cases():
+    g = _gen(51)
+    r = lambda *s: torch.randn(*s, generator=g)  # noqa: E731
+    q, k = r(3, 16), r(6, 16)
+    return [
+        Case("q (4, 8) at positions 4..7, k (4, 8) at 0..3",
+             (r(4, 8), r(4, 8), torch.arange(4, 8), torch.arange(4))),
+        Case("a decoding step: one query at position 7, keys at 0..7",
+             (r(1, 8), r(8, 8), torch.tensor([7]), torch.arange(8))),
+        Case("q (3, 16) at 5..7, k (6, 16) at 2..7", (q, k, torch.arange(5, 8), torch.arange(2, 8))),
+        Case("the same q and k, every position shifted by 100",
+             (q.clone(), k.clone(), torch.arange(105, 108), torch.arange(102, 108))),
+        Case("heads: q and k (2, 2, 5, 8) at positions 10..14",
+             (r(2, 2, 5, 8), r(2, 2, 5, 8), torch.arange(10, 15), torch.arange(10, 15))),
+    ]
+
+
+def _rs_hint(case, got, expected):
+    q, k, pq, pk = case.args
+    if not isinstance(got, torch.Tensor) or got.shape != expected.shape or not finite(got):
+        return None
+    d = q.shape[-1]
+
+    def scores(a, b, scale=None):
+        return a @ b.transpose(-2, -1) * (1 / math.sqrt(d) if scale is None else scale)
+
+    rot, q64, k64 = _rope_variant, q.double(), k.double()
+    variants = [
+        (scores(rot(q, pq), k64), "rotate k too: with only q rotated the score depends on the query's "
+                                  "absolute position, not on the offset."),
+        (scores(q64, rot(k, pk)), "rotate q too: each of q and k turns by its own position."),
+        (scores(rot(q, pq, sign=-1.0), rot(k, pk)), "rotate q and k the same way; a rotation by -m "
+                                                    "and one by +n give a score that depends on m + n."),
+        (scores(rot(q, pq), rot(k, pk), 1.0), "scale the scores by 1 / sqrt(d)."),
+        (scores(rot(q, pq, layout="halves"), rot(k, pk, layout="halves")),
+         "use the interleaved pairs (x[..., 2i], x[..., 2i+1]); you used the rotate-half layout, which is "
+         "a valid RoPE too but not this exercise's."),
+    ]
+    if len(pq) == len(pk):
+        variants.append((scores(rot(q, pk), rot(k, pq)), "rotate q by q_positions and k by k_positions."))
+    if len(pq) != len(pk) or not torch.equal(pq, torch.arange(len(pq))):
+        variants.append((scores(rot(q, torch.arange(len(pq))), rot(k, pk)),
+                         "a query's position is its place in the sequence (here q_positions), not its "
+                         "index among the queries: in a decoding step the one query sits at the end."))
+    for variant, text in variants:
+        if matches(got, variant, expected, atol=1e-4):
+            return text
+    return None
 
 
 # --- ch05.alibi_slopes ------------------------------------------------------------------------
+# Mistakes: the plain geometric sequence 2**(-8k/n) for a head count that is not a power of two;
+# k counted from 0 (a first slope of 1); an integer tensor.
 
 def _alibi_solution(num_heads):
     def geometric(n):
@@ -107,13 +229,20 @@ def _alibi_cases():
 
 def _alibi_hint(case, got, expected):
     n = case.args[0]
-    if n & (n - 1):
+    if not isinstance(got, torch.Tensor) or got.shape != expected.shape or not finite(got):
+        return None
+    plain = torch.tensor([2 ** (-8 * (k + 1) / n) for k in range(n)], dtype=torch.float64)
+    from_zero = torch.tensor([2 ** (-8 * k / n) for k in range(n)], dtype=torch.float64)
+    if matches(got, plain, expected):
         return ("for a head count that is not a power of two, take the slopes of the largest power "
                 "of two below it, then every other slope of twice that many heads.")
-    return "for n a power of two the slopes are 2**(-8k/n) for k = 1 .. n."
+    if matches(got, from_zero, expected):
+        return "count k from 1: the slopes are 2**(-8k/n) for k = 1 .. n (the first is below 1)."
+    return None
 
 
 # --- ch05.relative_position_index ---------------------------------------------------------------
+# Mistakes: i - j instead of j - i; no clipping; no offset (negative indices); a float tensor.
 
 def _rel_solution(length_q, length_k, max_distance):
     distance = torch.arange(length_k)[None, :] - torch.arange(length_q)[:, None]  # j - i
@@ -126,19 +255,31 @@ def _rel_cases():
 
 
 def _rel_hint(case, got, expected):
-    if got.shape == expected.shape and torch.equal(got, 2 * case.args[2] - expected):
-        return "the distance is j - i (key minus query), not i - j."
-    return "index = clip(j - i, -max_distance, max_distance) + max_distance, as int64."
+    Lq, Lk, k = case.args
+    if not isinstance(got, torch.Tensor) or got.shape != expected.shape or got.is_floating_point():
+        return None
+    dist = torch.arange(Lk)[None, :] - torch.arange(Lq)[:, None]
+    for variant, text in (
+            (2 * k - expected, "the distance is j - i (key minus query), not i - j."),
+            (dist + k, "clip the distance to [-max_distance, max_distance] before adding max_distance."),
+            (dist.clamp(-k, k), "add max_distance so that the indices start at 0.")):
+        if torch.equal(got.cpu(), variant) and not torch.equal(variant, expected):
+            return text
+    return "the rule: index = clip(j - i, -max_distance, max_distance) + max_distance, as int64."
 
 
 EXERCISES = [
     Exercise("ch05.sinusoidal_encoding", "sinusoidal_encoding(length, dim) -> (length, dim), base 10000",
-             _sin_cases, positional.sinusoidal_encoding, _sin_solution, _sin_hint, atol=1e-5),
+             _sin_cases, _sinusoidal_encoding, _sin_solution, _sin_hint, atol=1e-5),
     Exercise("ch05.apply_rope", "apply_rope(x (..., L, d), positions (L,)) -> rotated x, base 10000",
              _rope_cases, _rope_expected, _rope_solution, _rope_hint, atol=1e-5),
+    Exercise("ch05.rope_scores",
+             "rope_scores(q (..., L_q, d), k (..., L_k, d), q_positions (L_q,), k_positions (L_k,)) "
+             "-> scores (..., L_q, L_k) = rope(q) rope(k)^T / sqrt(d)",
+             _rs_cases, _rs_expected, _rs_solution, _rs_hint, atol=1e-4, rtol=1e-4),
     Exercise("ch05.alibi_slopes", "alibi_slopes(num_heads) -> (num_heads,) float tensor",
-             _alibi_cases, positional.alibi_slopes, _alibi_solution, _alibi_hint),
+             _alibi_cases, _alibi_slopes, _alibi_solution, _alibi_hint),
     Exercise("ch05.relative_position_index",
              "relative_position_index(length_q, length_k, max_distance) -> (L_q, L_k) int64",
-             _rel_cases, positional.relative_position_index, _rel_solution, _rel_hint),
+             _rel_cases, _relative_position_index, _rel_solution, _rel_hint),
 ]

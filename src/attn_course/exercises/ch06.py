@@ -1,15 +1,50 @@
-"""Chapter 6 exercises: a dilated mask, counting the pairs a pattern keeps, top-k attention."""
+"""Chapter 6 exercises: a dilated mask, counting the pairs a pattern keeps, top-k attention,
+banded attention that never builds L x L, and Performer's positive random features.
+
+Expected answers come from package functions bound here at import time. The two linear-
+memory exercises are also checked for what they allocate: a case with L = 512 runs the
+learner's function under a spy that records the largest tensor created, and any tensor of
+L * L elements or more fails. Above each exercise, a comment lists the mistakes learners
+make; a case catches each one.
+"""
 
 from __future__ import annotations
 
 import math
 
 import torch
+import torch.nn.functional as F
 
-from .. import sparse
-from ._core import Case, Exercise
+from ..sparse import _orthogonal_features
+from ..sparse import bigbird_layout as _bigbird_layout
+from ..sparse import dilated_window_mask as _dilated_window_mask
+from ..sparse import performer_attention as _performer_attention
+from ..sparse import sliding_window_attention as _sliding_window_attention
+from ..sparse import sliding_window_mask as _sliding_window_mask
+from ..sparse import topk_attention as _topk_attention
+from ._core import Case, Exercise, LargestTensor, finite, matches
+
+_INF = float("-inf")
+
+
+def _number(got):
+    if isinstance(got, torch.Tensor) and got.numel() == 1:
+        got = got.item()
+    return got if type(got) in (int, float) else None
+
+
+def _dense(q, k, v, mask=None, scale=None):
+    """Dense attention in float64, for the hints (queries with no key get zeros)."""
+    q, k, v = q.double(), k.double(), v.double()
+    s = q @ k.transpose(-2, -1) * (1 / math.sqrt(q.shape[-1]) if scale is None else scale)
+    if mask is not None:
+        s = s.masked_fill(~mask, _INF)
+    return torch.softmax(s, -1).nan_to_num(0.0) @ v
+
 
 # --- ch06.dilated_window_mask -------------------------------------------------------------------
+# Mistakes: a window of `window` positions instead of window * dilation; every key in the span
+# kept (no (i - j) % dilation test); one side only (0 <= i - j); < instead of <=.
 
 def _dilated_solution(length, window, dilation):
     diff = torch.arange(length)[:, None] - torch.arange(length)[None, :]   # i - j
@@ -17,7 +52,7 @@ def _dilated_solution(length, window, dilation):
 
 
 def _dilated_expected(length, window, dilation):
-    return sparse.dilated_window_mask(length, window, dilation)
+    return _dilated_window_mask(length, window, dilation)
 
 
 def _dilated_cases():
@@ -27,15 +62,24 @@ def _dilated_cases():
 
 def _dilated_hint(case, got, expected):
     L, w, r = case.args
-    if got.dtype == torch.bool and got.shape == expected.shape:
-        if torch.equal(got, sparse.sliding_window_mask(L, w) & expected):
-            return "the window spans window * dilation positions on each side, not window."
-        if torch.equal(got, sparse.sliding_window_mask(L, w * r)):
-            return "keep only every dilation-th key: (i - j) % dilation == 0."
-    return "mask[i, j] = |i - j| <= window * dilation and (i - j) % dilation == 0."
+    if not (isinstance(got, torch.Tensor) and got.dtype == torch.bool and got.shape == expected.shape):
+        return None
+    diff = torch.arange(L)[:, None] - torch.arange(L)[None, :]
+    for variant, text in (
+            (_sliding_window_mask(L, w) & expected, "the window spans window * dilation positions on "
+                                                   "each side, not window."),
+            (_sliding_window_mask(L, w * r), "keep only every dilation-th key: (i - j) % dilation == 0."),
+            ((diff >= 0) & (diff <= w * r) & (diff % r == 0), "keys on both sides count: |i - j|."),
+            ((diff.abs() < w * r) & (diff % r == 0), "the window includes its ends: <=, not <.")):
+        if torch.equal(got.cpu(), variant) and not torch.equal(variant, expected):
+            return text
+    return "the rule: mask[i, j] = |i - j| <= window * dilation and (i - j) % dilation == 0."
 
 
 # --- ch06.band_pairs ------------------------------------------------------------------------------
+# Mistakes: L * (2w + 1) (rows near the ends have fewer keys); 2w per row (the query itself
+# forgotten); the ends subtracted once instead of twice; no cap when the window is at least
+# as wide as the sequence.
 
 def _band_solution(length, window):
     w = min(window, length - 1)
@@ -44,7 +88,7 @@ def _band_solution(length, window):
 
 
 def _band_expected(length, window):
-    return int(sparse.sliding_window_mask(length, window).sum())
+    return int(_sliding_window_mask(length, window).sum())
 
 
 def _band_cases():
@@ -53,14 +97,25 @@ def _band_cases():
 
 def _band_hint(case, got, expected):
     L, w = case.args
-    if got == L * (2 * w + 1):
+    got = _number(got)
+    if got is None or got == expected:
+        return None
+    wc = min(w, L - 1)
+    if got == L * (2 * wc + 1):
         return "rows near the start and the end have fewer than 2w + 1 keys: subtract what falls outside."
-    if w >= L:
-        return "a window wider than the sequence keeps every pair."
+    if got == L * 2 * wc - wc * (wc + 1) or got == L * 2 * wc:
+        return "each query also attends to itself: 2w + 1 keys per full row."
+    if got == L * (2 * wc + 1) - wc * (wc + 1) // 2:
+        return "both ends lose keys: 1 + 2 + ... + w at each end, w(w + 1) in all."
+    if w >= L and got == L * (2 * w + 1) - w * (w + 1):
+        return "a window wider than the sequence keeps every pair: cap it at L - 1."
     return None
 
 
 # --- ch06.bigbird_kept_blocks ------------------------------------------------------------------
+# Mistakes: the global rows and columns counted without their overlap (2gn instead of
+# 2gn - g^2); the band counted over all n blocks, overlapping the global ones; the band's
+# first and last rows given 3 blocks.
 
 def _bigbird_solution(num_blocks, num_global_blocks):
     n, g = num_blocks, min(num_global_blocks, num_blocks)
@@ -71,7 +126,7 @@ def _bigbird_solution(num_blocks, num_global_blocks):
 
 
 def _bigbird_expected(num_blocks, num_global_blocks):
-    return int(sparse.bigbird_layout(num_blocks, num_random_blocks=0, num_global_blocks=num_global_blocks).sum())
+    return int(_bigbird_layout(num_blocks, num_random_blocks=0, num_global_blocks=num_global_blocks).sum())
 
 
 def _bigbird_cases():
@@ -80,17 +135,28 @@ def _bigbird_cases():
 
 def _bigbird_hint(case, got, expected):
     n, g = case.args
-    if got == 3 * n - 2 + 2 * g * n:
-        return "global rows and columns overlap each other and the band: count every block once."
-    return "count the g full rows and g full columns once (2gn - g^2), then the band among the other blocks."
+    got = _number(got)
+    if got is None or got == expected:
+        return None
+    m = n - min(g, n)
+    band_m = 3 * m - 2 if m >= 2 else m
+    if got in (3 * n - 2 + 2 * g * n, 3 * n - 2 + 2 * g * n - g * g):
+        return "the band overlaps the global rows and columns: count the band among the other blocks only."
+    if got == 2 * g * n + band_m:
+        return "the g global rows and g global columns share g * g blocks: 2gn - g^2."
+    if got == 2 * g * n - g * g + 3 * m:
+        return "the first and last band rows have only 2 neighbours each: 3m - 2 blocks for m blocks."
+    return None
 
 
 # --- ch06.topk_attention -----------------------------------------------------------------------
+# Mistakes: attending to every key; keeping the k SMALLEST scores; > instead of >= (keeps k - 1);
+# no 1/sqrt(d); topk(k) raising when k > L (a case has k = 20 > L = 12).
 
 def _topk_solution(query, key, value, k):
     scores = query @ key.transpose(-2, -1) / math.sqrt(query.shape[-1])   # (B, H, L, L): fine for a small L
     kth = scores.topk(min(k, scores.shape[-1]), dim=-1).values[..., -1:]
-    scores = scores.masked_fill(scores < kth, float("-inf"))
+    scores = scores.masked_fill(scores < kth, _INF)
     return torch.softmax(scores, dim=-1) @ value
 
 
@@ -103,10 +169,197 @@ def _topk_cases():
 
 def _topk_hint(case, got, expected):
     q, key, v, k = case.args
-    dense = sparse.dense_attention(q, key, v)
-    if got.shape == expected.shape and torch.allclose(got, dense, atol=1e-5) and k < q.shape[2]:
-        return "you attend to every key: keep only the k largest scores per query (scores.topk)."
-    return "per query: keep the k largest scores, set the others to -inf, softmax, then weight the values."
+    if not isinstance(got, torch.Tensor) or got.shape != expected.shape or not finite(got):
+        return None
+    s = q.double() @ key.double().transpose(-2, -1) / math.sqrt(q.shape[-1])
+    kk = min(k, s.shape[-1])
+    kth = s.topk(kk, dim=-1).values[..., -1:]
+    low = s.topk(kk, dim=-1, largest=False).values[..., -1:]
+    raw = q.double() @ key.double().transpose(-2, -1)
+    for variant, text in (
+            (_dense(q, key, v), "you attend to every key: keep only the k largest scores per query "
+                                "(scores.topk)."),
+            (_dense(q, key, v, s <= low), "keep the k LARGEST scores (topk's default), not the smallest."),
+            (_dense(q, key, v, s > kth), "keep the k-th largest score too (>=): you keep only k - 1."),
+            (_dense(q, key, v, raw >= raw.topk(kk, dim=-1).values[..., -1:], scale=1.0),
+             "scale the scores by 1 / sqrt(d) before the softmax.")):
+        if matches(got, variant, expected):
+            return text
+    return None
+
+
+def _topk_raise_hint(case, message):
+    if "out of range" in message or "selected index k" in message:
+        return "k may exceed L: keep min(k, L) keys (k >= L is plain dense attention)."
+    return None
+
+
+# --- ch06.banded_attention -----------------------------------------------------------------------
+# Query i attends to keys |i - j| <= window, in O(L * window) memory. Mistakes: building the
+# (L, L) scores or mask (the L = 512 case fails on memory even when the values are right);
+# the zero padding at the two ends treated as keys (a score of 0 instead of -inf: the classic
+# F.pad + unfold slip); one side only (causal); |i - j| < window; no 1/sqrt(d); a window
+# wider than the sequence (window = 20, L = 12).
+
+def _band_attn_solution(query, key, value, window):
+    B, H, L, d = query.shape
+    w = min(window, L - 1)
+    k = F.pad(key, (0, 0, w, w)).unfold(2, 2 * w + 1, 1)            # (B, H, L, d, 2w + 1): keys i-w .. i+w
+    v = F.pad(value, (0, 0, w, w)).unfold(2, 2 * w + 1, 1)          # (B, H, L, d_v, 2w + 1)
+    scores = (query[..., None] * k).sum(-2) / math.sqrt(d)         # (B, H, L, 2w + 1)
+    j = torch.arange(L)[:, None] + torch.arange(-w, w + 1)[None, :]  # the key index of each slot
+    scores = scores.masked_fill((j < 0) | (j >= L), _INF)            # padding is not a key
+    weights = torch.softmax(scores, dim=-1)
+    return (v * weights[..., None, :]).sum(-1)                      # (B, H, L, d_v)
+
+
+def _band_attn_expected(query, key, value, window):
+    return _sliding_window_attention(query, key, value, window)
+
+
+_BIG_L = 512
+
+
+def _band_attn_cases():
+    g = torch.Generator().manual_seed(61)
+    r = lambda *s: torch.randn(*s, generator=g)  # noqa: E731
+    cases = []
+    for (B, H, L, d, d_v), w in (((1, 1, 6, 4, 4), 1), ((2, 2, 10, 8, 3), 3), ((1, 2, 12, 4, 4), 20)):
+        cases.append(Case(f"(B, H, L, d) = {(B, H, L, d)}, d_v = {d_v}, window {w}",
+                          (r(B, H, L, d), r(B, H, L, d), r(B, H, L, d_v), w)))
+    cases.append(Case(f"L = {_BIG_L}, window 4: no tensor of L x L elements allowed",
+                      (r(1, 2, _BIG_L, 8), r(1, 2, _BIG_L, 8), r(1, 2, _BIG_L, 8), 4)))
+    return cases
+
+
+def _band_attn_hint(case, got, expected):
+    q, k, v, w = case.args
+    if not isinstance(got, torch.Tensor) or got.shape != expected.shape or not finite(got):
+        return None
+    L = q.shape[2]
+    diff = torch.arange(L)[:, None] - torch.arange(L)[None, :]
+    wc = min(w, L - 1)
+    # zero-padded keys taking part in the softmax: score 0, value 0
+    kp, vp = F.pad(k.double(), (0, 0, wc, wc)), F.pad(v.double(), (0, 0, wc, wc))
+    ks, vs = kp.unfold(2, 2 * wc + 1, 1), vp.unfold(2, 2 * wc + 1, 1)
+    padded = torch.softmax((q.double()[..., None] * ks).sum(-2) / math.sqrt(q.shape[-1]), -1)
+    padded = (vs * padded[..., None, :]).sum(-1)
+    for variant, text in (
+            (padded, "the zero padding at the two ends is not a key: give those slots a score of -inf "
+                     "(a zero vector has score 0, and takes weight)."),
+            (_dense(q, k, v), "you attend to every key: only |i - j| <= window."),
+            (_dense(q, k, v, (diff >= 0) & (diff <= w)), "the window has keys on both sides: |i - j| <= window."),
+            (_dense(q, k, v, diff.abs() < w), "the window includes |i - j| = window: <=, not <."),
+            (_dense(q, k, v, diff.abs() <= w, scale=1.0), "scale the scores by 1 / sqrt(d).")):
+        if matches(got, variant, expected):
+            return text
+    return None
+
+
+def _no_square(name: str):
+    """A ``verify`` that re-runs the function on the long case under the allocation spy."""
+
+    def verify(case, fn, got):
+        L = case.args[0].shape[2]
+        if L < _BIG_L:
+            return None
+        with LargestTensor() as spy:
+            fn(*case.args, **case.kwargs)
+        if spy.largest >= L * L:
+            return (f"the values are right, but your function created a tensor of shape {spy.shape} "
+                    f"({spy.largest:,} elements, at least L x L = {L * L:,} for L = {L}). {name} must "
+                    f"never build an L x L tensor, not even a mask: that is the memory it exists to save.")
+        return None
+
+    return verify
+
+
+# --- ch06.performer_attention --------------------------------------------------------------------
+# FAVOR+ with the given random features omega (m, d): scale q and k by d^(-1/4),
+# phi(x) = exp(omega x - |x|^2 / 2) / sqrt(m), out = phi(Q) [phi(K)^T V] / phi(Q) [phi(K)^T 1].
+# Mistakes: phi(Q) phi(K)^T first (L x L: quadratic; the L = 512 case fails on memory); no
+# normaliser; the -|x|^2 / 2 term dropped (it cancels for queries, not for keys); no d^(-1/4)
+# scaling, or 1/sqrt(d) on the queries only; omega used untransposed (the square case m = d).
+
+def _favor_solution(query, key, value, omega):
+    d, m = query.shape[-1], omega.shape[0]
+    q, k = query * d**-0.25, key * d**-0.25                       # q.k / sqrt(d) = (q d^-1/4).(k d^-1/4)
+
+    def phi(x):                                                   # positive random features
+        return torch.exp(x @ omega.T - (x * x).sum(-1, keepdim=True) / 2) / math.sqrt(m)
+
+    phi_q, phi_k = phi(q), phi(k)                                 # (B, H, L, m)
+    kv = phi_k.transpose(-2, -1) @ value                          # (B, H, m, d_v): never L x L
+    normaliser = phi_q @ phi_k.sum(-2)[..., None]                 # (B, H, L, 1)
+    return (phi_q @ kv) / normaliser
+
+
+def _favor_expected(query, key, value, omega):
+    """The package's Performer, run with the seed that drew this omega."""
+    (seed,) = [s for om, s in _FAVOR_OMEGAS if om.shape == omega.shape and torch.equal(om, omega)]
+    return _performer_attention(query, key, value, num_features=omega.shape[0], seed=seed)
+
+
+_FAVOR_OMEGAS: list = []   # (omega, seed) of the cases
+
+
+def _favor_cases():
+    g = torch.Generator().manual_seed(62)
+    r = lambda *s: torch.randn(*s, generator=g)  # noqa: E731
+    cases = []
+    for (B, H, L, d, d_v), m, seed, scale in (((1, 1, 6, 4, 4), 8, 0, 1.0), ((2, 2, 10, 8, 3), 16, 1, 1.0),
+                                              ((1, 2, 16, 8, 8), 8, 2, 2.0), ((1, 1, _BIG_L, 8, 8), 16, 3, 1.0)):
+        omega = _orthogonal_features(m, d, seed, "cpu", torch.float32)
+        _FAVOR_OMEGAS.append((omega.clone(), seed))
+        desc = (f"(B, H, L, d) = {(B, H, L, d)}, m = {m} features"
+                + (", q and k twice as large" if scale != 1.0 else "")
+                + (": no tensor of L x L elements allowed" if L >= _BIG_L else ""))
+        cases.append(Case(desc, (r(B, H, L, d) * scale, r(B, H, L, d) * scale, r(B, H, L, d_v), omega)))
+    return cases
+
+
+def _favor_variant(q, k, v, omega, *, scale="both", key_norm=True, normalise=True, transpose=True):
+    q, k, v, om = q.double(), k.double(), v.double(), omega.double()
+    d, m = q.shape[-1], om.shape[0]
+    if scale == "both":
+        q, k = q * d**-0.25, k * d**-0.25
+    elif scale == "query":
+        q = q / math.sqrt(d)
+    W = om.T if transpose else om
+
+    def phi(x, norm=True):
+        return torch.exp(x @ W - ((x * x).sum(-1, keepdim=True) / 2 if norm else 0)) / math.sqrt(m)
+
+    pq, pk = phi(q), phi(k, key_norm)
+    out = pq @ (pk.transpose(-2, -1) @ v)
+    return out / (pq @ pk.sum(-2)[..., None]) if normalise else out
+
+
+def _favor_hint(case, got, expected):
+    q, k, v, omega = case.args
+    if not isinstance(got, torch.Tensor) or got.shape != expected.shape or not finite(got):
+        return None
+    variants = [
+        ({"normalise": False}, "divide by the normaliser phi(Q) [phi(K)^T 1], the features' estimate of "
+                               "each row's softmax denominator."),
+        ({"key_norm": False}, "phi(x) = exp(omega x - |x|^2 / 2) / sqrt(m): keep the -|x|^2 / 2 term (it "
+                              "cancels for the queries, not for the keys)."),
+        ({"scale": "none"}, "scale q and k by d**-0.25 each, so that their dot product is q.k / sqrt(d)."),
+        ({"scale": "query"}, "scale BOTH q and k by d**-0.25 (not q alone by 1 / sqrt(d)): the |x|^2 / 2 "
+                             "term sees each scaled vector."),
+    ]
+    if omega.shape[0] == omega.shape[1]:
+        variants.append(({"transpose": False}, "omega is (m, d): the projections are x @ omega.T."))
+    for kwargs, text in variants:
+        if matches(got, _favor_variant(q, k, v, omega, **kwargs), expected, atol=1e-4, rtol=1e-3):
+            return text
+    return None
+
+
+def _favor_raise_hint(case, message):
+    if "cannot be multiplied" in message:
+        return "omega is (m, d), one random direction per row: project with x @ omega.T."
+    return None
 
 
 EXERCISES = [
@@ -118,5 +371,15 @@ EXERCISES = [
              "bigbird_kept_blocks(num_blocks, num_global_blocks) -> int (band + global, no random blocks)",
              _bigbird_cases, _bigbird_expected, _bigbird_solution, _bigbird_hint, atol=0, rtol=0),
     Exercise("ch06.topk_attention", "topk_attention(query, key, value, k) -> (B, H, L, d_v)",
-             _topk_cases, sparse.topk_attention, _topk_solution, _topk_hint),
+             _topk_cases, _topk_attention, _topk_solution, _topk_hint, raise_hint=_topk_raise_hint),
+    Exercise("ch06.banded_attention",
+             "banded_attention(query (B, H, L, d), key (B, H, L, d), value (B, H, L, d_v), window) -> "
+             "(B, H, L, d_v), keys |i - j| <= window, never an L x L tensor",
+             _band_attn_cases, _band_attn_expected, _band_attn_solution, _band_attn_hint,
+             verify=_no_square("banded attention")),
+    Exercise("ch06.performer_attention",
+             "performer_attention(query (B, H, L, d), key (B, H, L, d), value (B, H, L, d_v), omega (m, d)) "
+             "-> (B, H, L, d_v), FAVOR+ with positive features, never an L x L tensor",
+             _favor_cases, _favor_expected, _favor_solution, _favor_hint, atol=1e-4, rtol=1e-3,
+             verify=_no_square("Performer attention"), raise_hint=_favor_raise_hint),
 ]

@@ -4,7 +4,9 @@ attention, a causal top-k selection mask, and the global layers of a local/globa
 The expected answers come from :mod:`attn_course.modern`, bound here when the module is imported
 (a learner who rebinds ``modern.linear_attention`` in a notebook cannot change what is
 expected). Each exercise lists the mistakes learners make and which case catches each; a hint
-is given only when the wrong answer matches one of those mistakes.
+is given only when the wrong answer equals one of those mistakes on the failing case and the
+mistake there differs from the answer (``_core.matches``). Values are compared with the
+course's tolerances (atol 1e-5, rtol 1e-4), so an answer computed in float32 passes.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import modern
-from ._core import Case, Exercise
+from ._core import Case, Exercise, LargestTensor, matches
 
 # the package's answers, bound at import time
 _kv_cache_bytes_at = modern.kv_cache_bytes_at
@@ -30,11 +32,6 @@ _global_layers = modern.global_layers
 
 def _gen(seed: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
-
-
-def _same(got, candidate) -> bool:
-    return (isinstance(got, torch.Tensor) and got.shape == candidate.shape
-            and torch.allclose(got.to(candidate.dtype), candidate, atol=1e-6, rtol=1e-5, equal_nan=True))
 
 
 # --- ch08.mla_cache_bytes ---------------------------------------------------------------------
@@ -115,24 +112,28 @@ def _absorbed_cases():
 
 def _absorbed_hint(case, got, expected):
     W_q, W_uk, H = case.args
-    if _same(got, expected.transpose(1, 2)):
+    if matches(got, expected.transpose(1, 2), expected):
         return ("transposed: A[h] = W_uk[h]^T W_q[h] maps x (E numbers) to a query in latent space "
                 "(d_c numbers), so it is (d_c, E).")
     d_h = W_q.shape[0] // H
     interleaved = (W_uk.reshape(d_h, H, -1).transpose(0, 1).transpose(1, 2)
                    @ W_q.reshape(d_h, H, -1).transpose(0, 1))
-    if H > 1 and _same(got, interleaved):
+    if H > 1 and matches(got, interleaved, expected):
         return "head h owns the contiguous rows h*d_h .. (h+1)*d_h: reshape to (H, d_h, ...), not (d_h, H, ...)."
     return None
 
 
 # --- ch08.delta_rule_step ---------------------------------------------------------------------
 # Mistakes: the additive (linear attention) update g S + b v k^T, no erasing (every case);
-# the gate left out of the erase term, g S + b (v - S k) k^T (cases 2, 4, 5: gate < 1);
-# the gate applied to the new write too, g (S + b (v - S k) k^T) (cases 2, 4, 5); beta left
+# the gate left out of the erase term, g S + b (v - S k) k^T (cases 2, 4, 5, 6: gate < 1);
+# the gate applied to the new write too, g (S + b (v - S k) k^T) (cases 2, 4, 5, 6); beta left
 # out of the write, g S (I - b k k^T) + v k^T (every case with beta < 1); the outer product
-# transposed, k v^T (cases 1-3 have d_k != d_v, a wrong shape; cases 4 and 5 a wrong value);
-# beta or gate broadcast along the wrong axes (cases 4 and 5 vary them per batch and head).
+# transposed, k v^T (cases 1-3 have d_k != d_v, a wrong shape; cases 4-6 a wrong value);
+# beta or gate broadcast along the wrong axes (cases 4-6 vary them per batch and head);
+# normalising the key inside, or dividing the write by |k|^2 (case 6: the only keys that are
+# not unit vectors; the formula takes k as it is given).
+# A hint is given only when the mistaken formula differs from the answer on the case at hand
+# (with gate = 1, say, "the gate left out of the erase term" is right) and equals the value.
 
 def _delta_solution(state, key, value, beta, gate):
     g, b = gate[..., None, None], beta[..., None, None]               # (..., 1, 1)
@@ -149,42 +150,55 @@ def _delta_cases():
     def rand(*shape):
         return torch.rand(*shape, generator=g, dtype=torch.float64)
 
+    def randn(*shape):
+        return torch.randn(*shape, generator=g, dtype=torch.float64)
+
     one = torch.ones((), dtype=torch.float64)
     return [
-        Case("one head, beta = 1, gate = 1, d_v = 3, d_k = 4",
-             (torch.randn(3, 4, generator=g, dtype=torch.float64), unit(4), torch.randn(3, generator=g,
-              dtype=torch.float64), one, one)),
+        Case("one head, beta = 1, gate = 1, d_v = 3, d_k = 4", (randn(3, 4), unit(4), randn(3), one, one)),
         Case("(B, H) = (2, 3), beta = 0.7, gate = 0.5",
-             (torch.randn(2, 3, 3, 4, generator=g, dtype=torch.float64), unit(2, 3, 4),
-              torch.randn(2, 3, 3, generator=g, dtype=torch.float64), torch.full((2, 3), 0.7, dtype=torch.float64),
+             (randn(2, 3, 3, 4), unit(2, 3, 4), randn(2, 3, 3), torch.full((2, 3), 0.7, dtype=torch.float64),
               torch.full((2, 3), 0.5, dtype=torch.float64))),
         Case("beta = 0: nothing is written, the state only decays",
-             (torch.randn(1, 2, 3, 5, generator=g, dtype=torch.float64), unit(1, 2, 5),
-              torch.randn(1, 2, 3, generator=g, dtype=torch.float64), torch.zeros(1, 2, dtype=torch.float64),
+             (randn(1, 2, 3, 5), unit(1, 2, 5), randn(1, 2, 3), torch.zeros(1, 2, dtype=torch.float64),
               torch.full((1, 2), 0.9, dtype=torch.float64))),
         Case("d_v = d_k = 4, beta and gate differ per batch and head",
-             (torch.randn(2, 2, 4, 4, generator=g, dtype=torch.float64), unit(2, 2, 4),
-              torch.randn(2, 2, 4, generator=g, dtype=torch.float64), rand(2, 2), rand(2, 2))),
+             (randn(2, 2, 4, 4), unit(2, 2, 4), randn(2, 2, 4), rand(2, 2), rand(2, 2))),
         Case("(B, H) = (3, 1), d_v = d_k = 6, random beta and gate",
-             (torch.randn(3, 1, 6, 6, generator=g, dtype=torch.float64), unit(3, 1, 6),
-              torch.randn(3, 1, 6, generator=g, dtype=torch.float64), rand(3, 1), rand(3, 1))),
+             (randn(3, 1, 6, 6), unit(3, 1, 6), randn(3, 1, 6), rand(3, 1), rand(3, 1))),
+        Case("(B, H) = (2, 2), keys that are NOT unit vectors (norms 0.5 to 2), random beta and gate",
+             (randn(2, 2, 3, 4), unit(2, 2, 4) * (0.5 + 1.5 * rand(2, 2, 1)), randn(2, 2, 3), rand(2, 2),
+              rand(2, 2))),
+    ]
+
+
+def _delta_variants(S, k, v, beta, gate):
+    """The known mistakes, each as (value on this case, the hint that names it)."""
+    g, b = gate[..., None, None], beta[..., None, None]
+    col, row = v[..., :, None], k[..., None, :]
+    Sk, outer = S @ k[..., :, None], col * row
+    k2 = (k * k).sum(-1)[..., None, None]                              # |k|^2, (..., 1, 1)
+    kn = F.normalize(k, dim=-1)
+    return [
+        (g * S + b * outer,
+         "that is the additive (linear attention) update: first erase what S holds for k, b (g S k) k^T."),
+        (g * S + b * (col - Sk) * row, "decay the state before reading it: the correction is v - g S k, not v - S k."),
+        (g * (S + b * (col - Sk) * row), "the gate decays the old state only; the new write b v k^T is not decayed."),
+        (g * S - g * b * Sk * row + outer, "beta scales the write too: + b v k^T."),
+        (g * S - g * b * Sk * row + b * outer.transpose(-2, -1) if S.shape[-1] == S.shape[-2] else None,
+         "the write is the outer product v k^T (d_v x d_k), not k v^T."),
+        (g * S + b * (col - g * S @ kn[..., :, None]) * kn[..., None, :],
+         "use the key as it is given: the formula does not normalise k (a model normalises its keys "
+         "before the layer, if it wants unit keys)."),
+        (g * S + b * (col - g * Sk) * row / k2,
+         "do not divide by |k|^2: the formula is g S + b (v - g S k) k^T for the k given, unit or not."),
     ]
 
 
 def _delta_hint(case, got, expected):
-    S, k, v, beta, gate = case.args
-    g, b = gate[..., None, None], beta[..., None, None]
-    Sk, outer = S @ k[..., :, None], v[..., :, None] * k[..., None, :]
-    if _same(got, g * S + b * outer):
-        return "that is the additive (linear attention) update: first erase what S holds for k, b (g S k) k^T."
-    if _same(got, g * S + b * (v[..., :, None] - Sk) * k[..., None, :]):
-        return "decay the state before reading it: the correction is v - g S k, not v - S k."
-    if _same(got, g * (S + b * (v[..., :, None] - Sk) * k[..., None, :])):
-        return "the gate decays the old state only; the new write b v k^T is not decayed."
-    if _same(got, g * S - g * b * Sk * k[..., None, :] + outer):
-        return "beta scales the write too: + b v k^T."
-    if got.shape == expected.shape and _same(got, g * S - g * b * Sk * k[..., None, :] + b * outer.transpose(-2, -1)):
-        return "the write is the outer product v k^T (d_v x d_k), not k v^T."
+    for variant, text in _delta_variants(*case.args):
+        if variant is not None and matches(got, variant, expected):
+            return text
     return None
 
 
@@ -192,7 +206,14 @@ def _delta_hint(case, got, expected):
 # Mistakes: summing over all keys, not a prefix (cases with L > 1); an exclusive prefix that
 # leaves out the current token (cases with L > 1; the first query then divides 0 by 0); no
 # normaliser (every case); another feature map than elu + 1, e.g. relu or exp (every case);
-# softmax attention itself (every case with L > 1).
+# softmax attention itself (every case with L > 1); the quadratic form, an L x L matrix of
+# phi(q_i) . phi(k_j) masked to j <= i: right values, caught by `verify` on the long case
+# (L = 256, d = d_v = 2), where it creates a tensor of at least L x L elements and the prefix
+# sums (L x d x d_v per head) or chunks (L x C) stay far below. A small eps added to the
+# denominator, as in Katharopoulos et al.'s code (1e-6), is accepted.
+
+_LONG_L = 256
+
 
 def _linear_solution(query, key, value):
     phi_q, phi_k = F.elu(query) + 1, F.elu(key) + 1                        # (..., L, d), positive
@@ -206,8 +227,20 @@ def _linear_solution(query, key, value):
 def _linear_cases():
     g = _gen(82)
     r = lambda *s: torch.randn(*s, generator=g, dtype=torch.float64)  # noqa: E731
-    return [Case(f"(B, H, L, d) = {s}, d_v = {dv}", (r(*s), r(*s), r(*s[:-1], dv)))
-            for s, dv in (((1, 1, 5, 3), 2), ((2, 2, 8, 4), 3), ((1, 1, 1, 4), 4), ((1, 3, 17, 8), 5))]
+    cases = [Case(f"(B, H, L, d) = {s}, d_v = {dv}", (r(*s), r(*s), r(*s[:-1], dv)))
+             for s, dv in (((1, 1, 5, 3), 2), ((2, 2, 8, 4), 3), ((1, 1, 1, 4), 4), ((1, 3, 17, 8), 5))]
+    s = (1, 2, _LONG_L, 2)
+    cases.append(Case(f"(B, H, L, d) = {s}, d_v = 2: no tensor of L x L elements allowed",
+                      (r(*s), r(*s), r(*s))))
+    return cases
+
+
+def _matches_nan(got, variant, expected) -> bool:
+    """:func:`matches`, where NaN in the same places (a 0 / 0 of the mistake) also agree."""
+    if (isinstance(got, torch.Tensor) and isinstance(variant, torch.Tensor) and got.shape == variant.shape
+            and torch.equal(torch.isnan(got), torch.isnan(variant))):
+        got, variant = got.nan_to_num(0.0), variant.nan_to_num(0.0)
+    return matches(got, variant, expected)
 
 
 def _linear_hint(case, got, expected):
@@ -216,32 +249,48 @@ def _linear_hint(case, got, expected):
     scores = fq @ fk.transpose(-2, -1)                                     # (..., L, L)
     causal = scores.tril()
     L = q.shape[-2]
-    if L > 1 and _same(got, (scores @ v) / scores.sum(-1, keepdim=True)):
+    if L > 1 and _matches_nan(got, (scores @ v) / scores.sum(-1, keepdim=True), expected):
         return "each query may use only the keys up to its own position: prefix sums (cumsum), not one sum."
-    if L > 1 and got.shape == expected.shape and torch.allclose(got[..., 1:, :].to(q.dtype),
-                                                                ((scores.tril(-1) @ v) / scores.tril(-1).sum(
-                                                                    -1, keepdim=True))[..., 1:, :]):
+    before = scores.tril(-1)
+    exclusive = (before @ v) / before.sum(-1, keepdim=True)
+    if (L > 1 and isinstance(got, torch.Tensor) and got.shape == expected.shape
+            and _matches_nan(got[..., 1:, :], exclusive[..., 1:, :], expected[..., 1:, :])):
         return "include the current token: the prefix runs over j <= i (an inclusive cumsum)."
-    if _same(got, causal @ v):
+    if _matches_nan(got, causal @ v, expected):
         return "divide by the normaliser phi(q_i) . z_i with z_i = sum_{j<=i} phi(k_j)."
     for name, phi in (("relu", F.relu), ("exp", torch.exp), ("the identity", lambda x: x)):
         s = (phi(q) @ phi(k).transpose(-2, -1)).tril()
-        with torch.no_grad():
-            cand = (s @ v) / s.sum(-1, keepdim=True)
-        if _same(got, cand):
+        if _matches_nan(got, (s @ v) / s.sum(-1, keepdim=True), expected):
             return f"the feature map is phi(x) = elu(x) + 1, not {name}."
     soft = torch.softmax((q @ k.transpose(-2, -1) / math.sqrt(q.shape[-1])).masked_fill(
         ~torch.ones(L, L, dtype=torch.bool).tril(), float("-inf")), -1) @ v
-    if L > 1 and _same(got, soft):
+    if L > 1 and _matches_nan(got, soft, expected):
         return "that is softmax attention: replace exp(q . k / sqrt(d)) by phi(q) . phi(k)."
+    return None
+
+
+def _linear_verify(case, fn, got):
+    """On the long case, re-run the function under the allocation spy: no L x L tensor."""
+    L = case.args[0].shape[-2]
+    if L < _LONG_L:
+        return None
+    with LargestTensor() as spy:
+        fn(*case.args, **case.kwargs)
+    if spy.largest >= L * L:
+        return (f"the values are right, but your function created a tensor of shape {spy.shape} "
+                f"({spy.largest:,} elements, at least L x L = {L * L:,} for L = {L}). Causal linear "
+                f"attention exists to avoid the L x L matrix (not even a mask or a tril of it): keep "
+                f"running sums of phi(k_j) v_j^T and phi(k_j) with torch.cumsum.")
     return None
 
 
 # --- ch08.indexer_topk_mask -------------------------------------------------------------------
 # Mistakes: topk before the causal mask, so queries pick future keys (every case with k < L);
-# masking with -inf and keeping every top-k slot, so early queries with fewer than k allowed
-# keys mark future keys (every case with k > 1); the k lowest scores (every case); forgetting
-# that k may exceed L (case 5); the convention inverted, True for the keys left out (every case).
+# topk before the causal mask, then `& causal`, so the future keys picked are dropped and those
+# queries keep fewer than k keys (every case with k < L); masking with -inf and keeping every
+# top-k slot, so early queries with fewer than k allowed keys mark future keys (every case with
+# k > 1); the k lowest scores (every case); forgetting that k may exceed L (case 5); the
+# convention inverted, True for the keys left out (every case).
 
 def _topk_mask_solution(scores, k):
     L_q, L_k = scores.shape[-2:]
@@ -276,6 +325,10 @@ def _topk_mask_hint(case, got, expected):
             return "mask the future (set its scores to -inf) before taking the top k."
         return ("a query with fewer than k allowed keys picked masked (future) keys: keep only "
                 "selections that the causal mask allows (mask & causal).")
+    plain = torch.zeros_like(got).scatter(-1, scores.topk(min(k, L), -1).indices, True)
+    if torch.equal(got, plain & causal) and not torch.equal(got, expected):
+        return ("mask the future (scores -inf) *before* the top k: a top k over all keys picks future "
+                "keys, and `& causal` afterwards drops them, leaving those queries fewer than k keys.")
     low = torch.zeros_like(got).scatter(-1, scores.masked_fill(~causal, float("inf")).topk(
         min(k, L), -1, largest=False).indices, True) & causal
     if torch.equal(got, low):
@@ -318,14 +371,15 @@ EXERCISES = [
              _mla_bytes_cases, _mla_bytes_expected, _mla_bytes_solution, _mla_bytes_hint, atol=0, rtol=0),
     Exercise("ch08.absorbed_query_weight",
              "absorbed_query_weight(W_q (H*d_h, E), W_uk (H*d_h, d_c), num_heads) -> (H, d_c, E)",
-             _absorbed_cases, _absorbed_expected, _absorbed_solution, _absorbed_hint, atol=1e-9, rtol=1e-9),
+             _absorbed_cases, _absorbed_expected, _absorbed_solution, _absorbed_hint),
     Exercise("ch08.delta_rule_step",
              "delta_rule_step(state (..., d_v, d_k), key (..., d_k), value (..., d_v), beta (...), gate (...)) "
              "-> new state (..., d_v, d_k)",
-             _delta_cases, _delta_rule_step, _delta_solution, _delta_hint, atol=1e-9, rtol=1e-9),
+             _delta_cases, _delta_rule_step, _delta_solution, _delta_hint),
     Exercise("ch08.causal_linear_attention",
-             "causal_linear_attention(query, key, value) -> (..., L, d_v), with phi(x) = elu(x) + 1",
-             _linear_cases, _linear_attention, _linear_solution, _linear_hint, atol=1e-9, rtol=1e-7),
+             "causal_linear_attention(query, key, value) -> (..., L, d_v), with phi(x) = elu(x) + 1, "
+             "without an L x L matrix",
+             _linear_cases, _linear_attention, _linear_solution, _linear_hint, verify=_linear_verify),
     Exercise("ch08.indexer_topk_mask",
              "indexer_topk_mask(scores (B, L, L), k) -> (B, L, L) bool: each query's k best keys, causally",
              _topk_mask_cases, _topk_mask_expected, _topk_mask_solution, _topk_mask_hint),

@@ -257,18 +257,21 @@ def _params_hint(case, got, expected):
     got = _number(got)
     if got is None or got == expected:
         return None
-    for missing, text in (
-            (2 * d + n * 4 * d, "count the LayerNorms: a weight and a bias of size d each, two per block "
-                                "plus the final one."),
-            (2 * d, "count the final LayerNorm (a weight and a bias of size d)."),
-            (d * V + V, "the output head (d x vocab weights and vocab biases) has its own parameters here."),
-            (n * 4 * d, "count the biases of the attention projections: 3d for Q, K, V and d for the "
-                        "output, per block."),
-            (n * (r * d + d), "count the MLP's biases: r*d for the first layer, d for the second, per block.")):
-        if missing and got == expected - missing:
-            return text
-    if r != 1 and got == expected - n * 2 * d * d * (r - 1) - n * d * (r - 1):
-        return "the MLP's hidden width is mlp_ratio * embed_dim."
+    fits = [text for missing, text in (
+        (2 * d + n * 4 * d, "count the LayerNorms: a weight and a bias of size d each, two per block plus "
+                            "the final one"),
+        (2 * d, "count the final LayerNorm (a weight and a bias of size d)"),
+        (n * 4 * d, "count the two LayerNorms of every block (4d parameters per block)"),
+        (n * 4 * d, "count the biases of the attention projections: 3d for Q, K, V and d for the output, "
+                    "per block"),
+        (d * V + V, "the output head (d x vocab weights and vocab biases) has its own parameters here"),
+        (n * (r * d + d), "count the MLP's biases: r*d for the first layer, d for the second, per block"),
+        (n * (2 * d * d + d) * (r - 1), "the MLP's hidden width is mlp_ratio * embed_dim"))
+        if missing and got == expected - missing]
+    if len(fits) == 1:
+        return fits[0] + "."
+    if fits:
+        return "several parts would explain the difference: " + "; or ".join(fits) + "."
     return None
 
 
