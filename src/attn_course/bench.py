@@ -457,23 +457,30 @@ def run_flash(lengths=FLASH_LENGTHS, timeout: int = 900, threads: int = FLASH_TH
                 print(f"  {name:<28} L={L:>5}: skipped, the scores and weights alone need "
                       f"{2 * B * H * L * L * 4 / 2**30:.0f} GiB", flush=True)
                 continue
-            cmd = [sys.executable, "-m", "attn_course.bench", "--one-flash", name, str(L)]
-            try:
-                proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout,
-                                      env={**os.environ, "PYTHONWARNINGS": "ignore",
-                                           "ATTN_COURSE_BENCH_THREADS": str(threads)})
-            except subprocess.TimeoutExpired:
-                print(f"  {name} at L={L}: timed out after {timeout} s", flush=True)
+            r = _in_fresh_process("--one-flash", name, L, timeout, {"ATTN_COURSE_BENCH_THREADS": str(threads)})
+            if r is None:
                 continue
-            line = proc.stdout.strip().splitlines()[-1] if proc.stdout.strip() else ""
-            if proc.returncode or not line.startswith("{"):
-                print(f"  {name} at L={L}: failed ({proc.stderr.strip().splitlines()[-1:] or '?'})", flush=True)
-                continue
-            r = json.loads(line)
             results.append(r)
             print(f"  {name:<28} L={L:>5}: {1e3 * r['seconds']:9.1f} ms, peak {r['peak_mib']:8.1f} MiB, "
                   f"error {r['max_error']:.1e}", flush=True)
     return results
+
+
+def _in_fresh_process(flag: str, name: str, L: int, timeout: int, env: dict | None = None) -> dict | None:
+    """Run ``python -m attn_course.bench <flag> name L`` in a new process; its JSON result, or None
+    (after saying why) when it timed out or failed."""
+    cmd = [sys.executable, "-m", "attn_course.bench", flag, name, str(L)]
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout,
+                              env={**os.environ, "PYTHONWARNINGS": "ignore", **(env or {})})
+    except subprocess.TimeoutExpired:
+        print(f"  {name} at L={L}: timed out after {timeout} s", flush=True)
+        return None
+    line = proc.stdout.strip().splitlines()[-1] if proc.stdout.strip() else ""
+    if proc.returncode or not line.startswith("{"):
+        print(f"  {name} at L={L}: failed ({proc.stderr.strip().splitlines()[-1:] or '?'})", flush=True)
+        return None
+    return json.loads(line)
 
 
 def flash_table(results: list[dict]) -> str:
@@ -567,18 +574,9 @@ def run_sparse(lengths, out_dir: Path, timeout: int = 600, methods=None) -> list
     results = []
     for name in methods or available:
         for L in lengths:
-            cmd = [sys.executable, "-m", "attn_course.bench", "--one", name, str(L)]
-            try:
-                proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout,
-                                      env={**os.environ, "PYTHONWARNINGS": "ignore"})
-            except subprocess.TimeoutExpired:
-                print(f"  {name} at L={L}: timed out after {timeout} s", flush=True)
+            r = _in_fresh_process("--one", name, L, timeout)
+            if r is None:
                 continue
-            line = proc.stdout.strip().splitlines()[-1] if proc.stdout.strip() else ""
-            if proc.returncode or not line.startswith("{"):
-                print(f"  {name} at L={L}: failed ({proc.stderr.strip().splitlines()[-1:] or '?'})", flush=True)
-                continue
-            r = json.loads(line)
             results.append(r)
             print(f"  {name:<32} L={L:>5}: {1e3 * r['seconds']:9.1f} ms, peak {r['peak_mib']:7.0f} MiB, "
                   f"error {r['max_error']:.1e}", flush=True)
