@@ -60,6 +60,7 @@ lint: setup
 unit: setup
 	$(BIN)/pytest tests --ignore=tests/browser --cov=attn_course --cov-report=term:skip-covered \
 	    --cov-fail-under=95
+	$(BIN)/pytest -p no:cacheprovider -q tests/test_exercises.py -k sleep_past_the_time_limit
 
 nbval: setup
 	$(NB_ENV) $(NO_NET) $(BIN)/pytest -p no:cacheprovider --nbval --nbval-current-env \

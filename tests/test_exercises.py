@@ -1051,6 +1051,18 @@ def test_printed_output_is_captured_and_capped(capsys):
     assert len(out) < 3000
 
 
+def _coverage_active() -> bool:
+    try:
+        import coverage
+    except ImportError:  # pragma: no cover
+        return False
+    return coverage.Coverage.current() is not None
+
+
+# Under coverage's tracer the checker's join on a thread sleeping in C returns only when the
+# sleep ends, so the "still running" branch cannot be reached; `make unit` runs this test a
+# second time without coverage.
+@pytest.mark.skipif(_coverage_active(), reason="needs a run without coverage (make unit does one)")
 def test_a_sleep_past_the_time_limit_says_so_and_asks_for_a_restart(capsys):
     # a sleep long enough to outlast the limit and the grace period even on a busy machine
     assert check("ch01.masked_softmax", lambda s, m: time.sleep(10), timeout=0.2) is False
