@@ -142,6 +142,26 @@ def causal_mask(length_q: int, length_k: int, device=None) -> torch.Tensor:
     return torch.ones(length_q, length_k, dtype=torch.bool, device=device).tril()
 
 
+def _scores_setup(query, key, value, mask, is_causal: bool, scale) -> tuple[float, torch.Tensor | None]:
+    """Validate dense attention's inputs; return the scale and the mask with the causal part
+    folded in (``None`` when every key is allowed). Shared by every dense attention here."""
+    batch = _check_qkv(query, key, value)
+    if query.shape[-1] != key.shape[-1]:
+        raise ValueError(f"query and key must have the same feature size d_k (dim -1); got "
+                         f"query {tuple(query.shape)}, key {tuple(key.shape)}")
+    if scale is None:
+        scale = 1.0 / math.sqrt(query.shape[-1])
+    elif isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale):
+        raise TypeError(f"scale must be a finite number or None, got {scale!r}")
+    L_q, L_k = query.shape[-2], key.shape[-2]
+    if mask is not None:
+        _checks.bool_mask("mask", mask, (*batch, L_q, L_k), query.device)
+    if is_causal:
+        causal = causal_mask(L_q, L_k, device=query.device)
+        mask = causal if mask is None else mask & causal
+    return float(scale), mask
+
+
 def scaled_dot_product_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                                  mask: torch.Tensor | None = None, *, is_causal: bool = False,
                                  scale: float | None = None, dropout_p: float = 0.0
@@ -164,22 +184,9 @@ def scaled_dot_product_attention(query: torch.Tensor, key: torch.Tensor, value: 
         and ``weights (..., L_q, L_k)``. A query whose keys are all masked gets
         zero weights and a zero output.
     """
-    batch = _check_qkv(query, key, value)
-    if query.shape[-1] != key.shape[-1]:
-        raise ValueError(f"query and key must have the same feature size d_k (dim -1); got "
-                         f"query {tuple(query.shape)}, key {tuple(key.shape)}")
-    if scale is None:
-        scale = 1.0 / math.sqrt(query.shape[-1])
-    elif isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale):
-        raise TypeError(f"scale must be a finite number or None, got {scale!r}")
+    scale, mask = _scores_setup(query, key, value, mask, is_causal, scale)
     if isinstance(dropout_p, bool) or not isinstance(dropout_p, (int, float)) or not 0 <= dropout_p < 1:
         raise ValueError(f"dropout_p must be a number in [0, 1), got {dropout_p!r}")
-    L_q, L_k = query.shape[-2], key.shape[-2]
-    if mask is not None:
-        _checks.bool_mask("mask", mask, (*batch, L_q, L_k), query.device)
-    if is_causal:
-        causal = causal_mask(L_q, L_k, device=query.device)
-        mask = causal if mask is None else mask & causal
     scores = (query @ key.transpose(-2, -1)) * scale  # (..., L_q, L_k)
     return _attend(scores, value, mask, float(dropout_p))
 

@@ -25,26 +25,10 @@ from collections.abc import Sequence
 import torch
 
 from . import _checks
-from .basics import _check_qkv, causal_mask
+from .basics import _scores_setup
 
 __all__ = ["attention_with_lse", "merge_attention", "flash_attention", "tile_plan", "online_softmax",
            "flash_hbm_bytes", "standard_hbm_bytes"]
-
-
-def _scale(scale, d: int) -> float:
-    if scale is None:
-        return 1.0 / math.sqrt(d)
-    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale):
-        raise TypeError(f"scale must be a finite number or None, got {scale!r}")
-    return float(scale)
-
-
-def _check_attention_inputs(query, key, value) -> torch.Size:
-    batch = _check_qkv(query, key, value)
-    if query.shape[-1] != key.shape[-1]:
-        raise ValueError(f"query and key must have the same feature size d_k (dim -1); got "
-                         f"query {tuple(query.shape)}, key {tuple(key.shape)}")
-    return batch
 
 
 def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -73,14 +57,7 @@ def attention_with_lse(query: torch.Tensor, key: torch.Tensor, value: torch.Tens
         half-precision lse loses accuracy). A query with no allowed key gets a zero output
         and ``lse = -inf``: merged with other parts it changes nothing.
     """
-    batch = _check_attention_inputs(query, key, value)
-    scale = _scale(scale, query.shape[-1])
-    L_q, L_k = query.shape[-2], key.shape[-2]
-    if mask is not None:
-        _checks.bool_mask("mask", mask, (*batch, L_q, L_k), query.device)
-    if is_causal:
-        causal = causal_mask(L_q, L_k, device=query.device)
-        mask = causal if mask is None else mask & causal
+    scale, mask = _scores_setup(query, key, value, mask, is_causal, scale)
     acc = _acc_dtype(query.dtype)
     scores = (query.to(acc) @ key.to(acc).transpose(-2, -1)) * scale       # (..., L_q, L_k)
     if mask is not None:
@@ -226,10 +203,10 @@ def flash_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
 
 def _flash(query, key, value, is_causal, block_q, block_k, scale) -> tuple[torch.Tensor, torch.Tensor]:
     """:func:`flash_attention`, also returning the log-sum-exp ``m + log z`` (float32 for half inputs)."""
-    batch = _check_attention_inputs(query, key, value)
+    scale, _ = _scores_setup(query, key, value, None, False, scale)
+    batch = torch.broadcast_shapes(query.shape[:-2], key.shape[:-2], value.shape[:-2])
     block_q = _checks.positive_number("block_q", block_q, integer=True)
     block_k = _checks.positive_number("block_k", block_k, integer=True)
-    scale = _scale(scale, query.shape[-1])
     L_q, L_k, d_v = query.shape[-2], key.shape[-2], value.shape[-1]
     acc = _acc_dtype(query.dtype)
     q_all = query.expand(*batch, *query.shape[-2:])

@@ -319,48 +319,33 @@ class PagedKVCache:
                 "free_blocks": len(self.free_blocks)}
 
 
-@dataclass
-class SinkKVCache:
+class SinkKVCache(KVCache):
     """A decoding cache of fixed size: the first ``num_sinks`` tokens and the last ``window`` ones.
 
     StreamingLLM (Xiao et al., 2023): a pure sliding window evicts the first tokens, on
     which trained language models put much of their attention ("attention sinks"), and
     the output drifts; keeping those few tokens keeps it close to full attention while
-    memory stays flat at ``num_sinks + window`` tokens. Keys and values are ``(B, G, T, d)``.
+    memory stays flat at ``num_sinks + window`` tokens. A :class:`KVCache` (keys and values
+    ``(B, G, T, d)``, ``length``, ``nbytes``) that evicts from the middle; ``seen`` counts
+    every token appended.
     """
 
-    num_sinks: int = 4
-    window: int = 64
-    key: torch.Tensor | None = None
-    value: torch.Tensor | None = None
-    seen: int = 0
-
-    def __post_init__(self):
-        if isinstance(self.num_sinks, bool) or not isinstance(self.num_sinks, int) or self.num_sinks < 0:
-            raise ValueError(f"num_sinks must be an int >= 0, got {self.num_sinks!r}")
-        self.window = _checks.positive_number("window", self.window, integer=True)
-
-    @property
-    def length(self) -> int:
-        return 0 if self.key is None else self.key.shape[2]
-
-    @property
-    def nbytes(self) -> int:
-        return 0 if self.key is None else self.key.nbytes + self.value.nbytes
+    def __init__(self, num_sinks: int = 4, window: int = 64):
+        super().__init__()
+        if isinstance(num_sinks, bool) or not isinstance(num_sinks, int) or num_sinks < 0:
+            raise ValueError(f"num_sinks must be an int >= 0, got {num_sinks!r}")
+        self.num_sinks = num_sinks
+        self.window = _checks.positive_number("window", window, integer=True)
+        self.seen = 0
 
     def append(self, key: torch.Tensor, value: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Add new tokens, evict from the middle, and return what the next query may attend to."""
-        if self.key is None:
-            self.key, self.value = key, value
-        else:
-            self.key = torch.cat([self.key, key], dim=2)
-            self.value = torch.cat([self.value, value], dim=2)
+        super().append(key, value)
         self.seen += key.shape[2]
-        keep = self.num_sinks + self.window
-        if self.key.shape[2] > keep:
-            s = self.num_sinks
-            self.key = torch.cat([self.key[:, :, :s], self.key[:, :, -self.window:]], dim=2)
-            self.value = torch.cat([self.value[:, :, :s], self.value[:, :, -self.window:]], dim=2)
+        if self.length > self.num_sinks + self.window:
+            s, w = self.num_sinks, self.window
+            self.key = torch.cat([self.key[:, :, :s], self.key[:, :, -w:]], dim=2)
+            self.value = torch.cat([self.value[:, :, :s], self.value[:, :, -w:]], dim=2)
         return self.key, self.value
 
 
