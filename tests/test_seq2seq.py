@@ -82,6 +82,53 @@ def test_cross_attention_context_padding_is_ignored():
     torch.testing.assert_close(cross(x, ctx, keep)[0], cross(x, ctx2, keep)[0])
 
 
+@pytest.mark.parametrize("is_causal", [False, True])
+def test_need_weights_false_matches_torch_multihead_attention_and_returns_no_weights(is_causal):
+    torch.manual_seed(0)
+    ref = torch.nn.MultiheadAttention(8, 2, batch_first=True).double()
+    layer = SelfAttention(8, 2).double()
+    layer.attention = MultiHeadAttention.from_torch(ref)
+    x = torch.randn(3, 6, 8, dtype=torch.float64)
+    keep = padding_mask(torch.tensor([6, 4, 2]), 6)
+    blocked = torch.ones(6, 6, dtype=torch.bool).triu(1) if is_causal else None  # torch: True = blocked
+    expected, _ = ref(x, x, x, key_padding_mask=~keep, attn_mask=blocked, need_weights=False)
+    out, weights = layer(x, keep, is_causal=is_causal, need_weights=False)
+    assert weights is None
+    torch.testing.assert_close(out, expected)
+    torch.testing.assert_close(layer(x, keep, is_causal=is_causal)[0], expected)
+    cross = CrossAttention(8, 8, 2).double()
+    cross.attention = MultiHeadAttention.from_torch(ref)
+    y = torch.randn(3, 4, 8, dtype=torch.float64)
+    out, weights = cross(y, x, keep, need_weights=False)
+    assert weights is None
+    torch.testing.assert_close(out, ref(y, x, x, key_padding_mask=~keep, need_weights=False)[0])
+
+
+def test_the_attentive_decoder_equals_its_equations_written_step_by_step():
+    # an independent reference: the GRU update and additive attention, one decoder step at a time
+    torch.manual_seed(0)
+    model = Seq2Seq(10, 16, 32).double().eval()
+    src, dec_in, _ = reverse_task(3, 7, generator=torch.Generator().manual_seed(1))
+    logits, weights = model(src, dec_in)
+    enc = model.encode(src)[0]                                        # (B, S, H)
+    gru, att = model.decoder, model.attention
+    s = torch.cat([enc[:, -1, :16], enc[:, 0, 16:]], dim=-1)          # both directions' last states
+    rows, alphas = [], []
+    for t in range(dec_in.shape[1]):
+        x = model.embed(dec_in[:, t])
+        i_r, i_z, i_n = (x @ gru.weight_ih_l0.T + gru.bias_ih_l0).chunk(3, -1)
+        h_r, h_z, h_n = (s @ gru.weight_hh_l0.T + gru.bias_hh_l0).chunk(3, -1)
+        r, z = torch.sigmoid(i_r + h_r), torch.sigmoid(i_z + h_z)
+        s = (1 - z) * torch.tanh(i_n + r * h_n) + z * s
+        e = torch.tanh((s @ att.W_q.weight.T)[:, None] + enc @ att.W_k.weight.T) @ att.w_v.weight[0]
+        alpha = torch.softmax(e, dim=-1)
+        c = (alpha[:, :, None] * enc).sum(1)
+        rows.append(torch.cat([s, c], -1) @ model.readout.weight.T + model.readout.bias)
+        alphas.append(alpha)
+    torch.testing.assert_close(logits, torch.stack(rows, 1))
+    torch.testing.assert_close(weights, torch.stack(alphas, 1))
+
+
 def test_reverse_task():
     src, dec_in, tgt = reverse_task(4, 6, generator=torch.Generator().manual_seed(0))
     assert torch.equal(tgt, src.flip(1)) and torch.all(dec_in[:, 0] == 10)

@@ -44,25 +44,28 @@ def causal_mask(length: int, device=None) -> torch.Tensor:
 class SelfAttention(nn.Module):
     """Attention of a sequence over itself: queries, keys and values all from ``x``.
 
-    ``forward(x (B, L, E), key_padding=None, *, is_causal=False) -> (output (B, L, E),
-    weights (B, H, L, L))``; ``key_padding (B, L)`` is ``True`` at real tokens.
+    ``forward(x (B, L, E), key_padding=None, *, is_causal=False, need_weights=True) ->
+    (output (B, L, E), weights (B, H, L, L) or None)``; ``key_padding (B, L)`` is ``True`` at
+    real tokens. ``need_weights=False`` never builds the ``(B, H, L, L)`` weights and runs
+    torch's fused ``scaled_dot_product_attention`` (the same output, faster at long ``L``).
     """
 
     def __init__(self, embed_dim: int, num_heads: int = 1, *, dropout: float = 0.0):
         super().__init__()
         self.attention = MultiHeadAttention(embed_dim, num_heads, dropout=dropout)
 
-    def forward(self, x, key_padding: torch.Tensor | None = None, *, is_causal: bool = False):
+    def forward(self, x, key_padding: torch.Tensor | None = None, *, is_causal: bool = False,
+                need_weights: bool = True):
         mask = None if key_padding is None else _key_mask("key_padding", key_padding, x)
-        return self.attention(x, x, x, mask, is_causal=is_causal)
+        return self.attention(x, x, x, mask, is_causal=is_causal, need_weights=need_weights)
 
 
 class CrossAttention(nn.Module):
     """Attention of one sequence over another: queries from ``x``, keys and values from ``context``.
 
     ``forward(x (B, L_x, E), context (B, L_c, context_dim), context_padding=None) ->
-    (output (B, L_x, E), weights (B, H, L_x, L_c))``; ``context_padding (B, L_c)`` is
-    ``True`` at the context's real tokens.
+    (output (B, L_x, E), weights (B, H, L_x, L_c) or None)``; ``context_padding (B, L_c)`` is
+    ``True`` at the context's real tokens; ``need_weights=False`` as in :class:`SelfAttention`.
     """
 
     def __init__(self, embed_dim: int, context_dim: int, num_heads: int = 1, *, dropout: float = 0.0):
@@ -70,9 +73,9 @@ class CrossAttention(nn.Module):
         self.attention = MultiHeadAttention(embed_dim, num_heads, kdim=context_dim, vdim=context_dim,
                                             dropout=dropout)
 
-    def forward(self, x, context, context_padding: torch.Tensor | None = None):
+    def forward(self, x, context, context_padding: torch.Tensor | None = None, *, need_weights: bool = True):
         mask = None if context_padding is None else _key_mask("context_padding", context_padding, context)
-        return self.attention(x, context, context, mask)
+        return self.attention(x, context, context, mask, need_weights=need_weights)
 
 
 def _key_mask(name, padding, keys) -> torch.Tensor:
@@ -86,12 +89,28 @@ def _key_mask(name, padding, keys) -> torch.Tensor:
 
 
 class Seq2Seq(nn.Module):
-    """A GRU encoder-decoder, with or without additive cross-attention (Bahdanau et al., 2014).
+    r"""A GRU encoder-decoder, with or without additive cross-attention (Bahdanau et al., 2014).
 
     The encoder is a bidirectional GRU. Without attention the decoder sees the source
     only through the encoder's final state, one vector of ``hidden_dim`` numbers
     whatever the length. With attention, each decoder state also queries every encoder
-    state (additive scores) and the readout sees the resulting context vector.
+    state (additive scores) and the readout sees the resulting context vector:
+
+    .. math::
+
+        s_t = \mathrm{GRU}(s_{t-1}, y_{t-1}),\quad
+        e_{tj} = w_v^\top \tanh(W_q s_t + W_k h_j),\quad
+        c_t = \textstyle\sum_j \mathrm{softmax}_j(e_{tj})\, h_j,\quad
+        \mathrm{logits}_t = W_o [s_t; c_t] + b_o.
+
+    The scores are Bahdanau's additive ones (Luong et al.'s "concat"); the wiring is Luong
+    et al.'s (2015) global attention without input feeding: the new state ``s_t`` queries,
+    and ``c_t`` goes to the readout only, through one linear layer (Luong et al. use
+    ``tanh(W_c [c_t; s_t])`` and then a softmax layer, and with input feeding pass that
+    attentional state into the next step's input). Bahdanau et al. query with
+    ``s_{t-1}``, feed ``c_t`` into the GRU update as well, use a maxout output layer and start
+    the decoder from the backward encoder's first state; the decoder here starts from both
+    directions' last states.
 
     ``forward(source (B, S), decoder_input (B, T)) -> (logits (B, T, vocab_size), weights
     (B, T, S) or None)`` (teacher forcing, all steps at once); ``greedy(source, steps)``
