@@ -147,6 +147,31 @@ def test_performer_converges_to_softmax_attention():
     assert errors[3] < 0.02
 
 
+def test_performer_beats_the_mean_of_values_only_for_small_norms():
+    # Choromanski et al.'s Lemma 2: the variance of FAVOR+ grows as exp(|x + y|^2) / F, so it
+    # beats uniform attention (the mean of V) when |q|, |k| are small and loses when they are large
+    q, k, v = qkv(4, 1, 2, 256, 32)
+
+    def errors(s, features=1024):
+        exact = reference(s * q, s * k, v)
+        mean_of_v = (v.mean(-2, keepdim=True) - exact).abs().mean()
+        favor = [(S.performer_attention(s * q, s * k, v, features, seed=i) - exact).abs().mean() for i in range(3)]
+        return max(favor), min(favor), mean_of_v
+
+    worst, _, baseline = errors(0.25)
+    assert worst < 0.8 * baseline
+    _, best, baseline = errors(1.0)
+    assert best > 1.2 * baseline
+
+
+def test_lsh_hashes_queries_and_keys_separately():
+    # no shared-QK (unlike Reformer): the chunks a query reaches depend on the keys' own hashes
+    q, k, v = qkv(5, 1, 1, 128, 8)
+    mask = S.lsh_mask(q, k, 16, 1)
+    assert not torch.equal(mask, S.lsh_mask(q, q, 16, 1))
+    close(S.lsh_attention(q, k, v, 16, 1), reference(q, k, v, mask), torch.float64)
+
+
 def test_performer_is_finite_for_large_inputs_and_keeps_dtype():
     q, k, v = qkv(2, 1, 1, 32, 8, torch.float32)
     out = S.performer_attention(10 * q, 10 * k, v, 64)

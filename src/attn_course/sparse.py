@@ -358,8 +358,12 @@ def bigbird_layout(num_blocks: int, *, num_random_blocks: int = 3, num_global_bl
 
 
 def strided_layout(num_blocks: int, *, band: int = 2, stride: int = 16) -> torch.Tensor:
-    """A Sparse-Transformer-style fixed layout (Child et al., 2019): key blocks within ``band``
-    of the query block, plus every ``stride``-th block column (the "summary" columns)."""
+    """A block layout after Child et al.'s (2019) "fixed" pattern: key blocks within ``band`` of
+    the query block, plus every ``stride``-th block column (the "summary" columns).
+
+    The summary columns are the paper's; the sliding band of ``±band`` blocks replaces its aligned
+    blocks (``floor(i / l) == floor(j / l)``), and the layout is not causal. (The paper's "strided"
+    pattern, the previous ``l`` positions plus every ``l``-th position, is a different one.)"""
     n = _checks.positive_number("num_blocks", num_blocks, integer=True)
     stride = _checks.positive_number("stride", stride, integer=True)
     if isinstance(band, bool) or not isinstance(band, int) or band < 0:
@@ -420,11 +424,13 @@ def performer_attention(query, key, value, num_features: int = 256, *, seed: int
     r"""Performer's FAVOR+ (Choromanski et al., 2020): softmax attention through positive random features.
 
     .. math:: \exp(\mathbf q^\top \mathbf k / \sqrt d) = \mathbb E_\omega[\phi(\mathbf q)^\top \phi(\mathbf k)],\quad
-              \phi(\mathbf x) = \tfrac{1}{\sqrt m} \exp(\omega^\top \mathbf x - \lVert \mathbf x\rVert^2 / 2)
+              \phi(\mathbf x) = \tfrac{1}{\sqrt F} \exp(\omega^\top \mathbf x - \lVert \mathbf x\rVert^2 / 2)
 
-    (with ``x`` scaled by ``d^{-1/4}``), so attention becomes
+    with ``F = num_features`` (``x`` scaled by ``d^{-1/4}``), so attention becomes
     :math:`\phi(Q)\,[\phi(K)^\top V] / \phi(Q)\,[\phi(K)^\top \mathbf 1]`: linear in ``L``.
-    The estimate converges to softmax attention as ``num_features`` grows.
+    The estimate converges to softmax attention as ``num_features`` grows, but its variance
+    grows as :math:`e^{\lVert \mathbf x + \mathbf y\rVert^2} / F` (the paper's Lemma 2): for
+    queries and keys of large norm (peaked attention) it needs impractically many features.
     """
     B, H, L, d = _check_qkv(query, key, value)
     m = _checks.positive_number("num_features", num_features, integer=True)
@@ -485,6 +491,10 @@ def lsh_mask(query, key, bucket_size: int = 64, n_hashes: int = 4, *, seed: int 
 
 def lsh_attention(query, key, value, bucket_size: int = 64, n_hashes: int = 4, *, seed: int = 0) -> torch.Tensor:
     """Reformer-style LSH attention: each query sees only the keys hashed near it.
+
+    Unlike Reformer, queries and keys are not shared (no shared-QK): both are hashed with the
+    same rotations and sorted separately, and the ``c``-th chunk of sorted queries is paired
+    with the ``c``-th (and ``c - 1``-th) chunk of sorted keys; a token may attend to itself.
 
     Per round, queries and keys sorted by bucket are cut into chunks of ``bucket_size``;
     each query chunk attends to the matching key chunk and the one before. The rounds are

@@ -204,13 +204,15 @@ def _topk_raise_hint(case, message):
 def _band_attn_solution(query, key, value, window):
     B, H, L, d = query.shape
     w = min(window, L - 1)
-    k = F.pad(key, (0, 0, w, w)).unfold(2, 2 * w + 1, 1)            # (B, H, L, d, 2w + 1): keys i-w .. i+w
-    v = F.pad(value, (0, 0, w, w)).unfold(2, 2 * w + 1, 1)          # (B, H, L, d_v, 2w + 1)
-    scores = (query[..., None] * k).sum(-2) / math.sqrt(d)         # (B, H, L, 2w + 1)
+    kp, vp = F.pad(key, (0, 0, w, w)), F.pad(value, (0, 0, w, w))  # (B, H, L + 2w, d): key j at row j + w
+    # slot o of query i holds key i - w + o: rows o .. o + L - 1 of the padded keys. One slot at a
+    # time, so no intermediate is larger than the keys (unfold + a product over d would build
+    # (B, H, L, d, 2w + 1), d times the scores).
+    scores = torch.stack([(query * kp[:, :, o:o + L]).sum(-1) for o in range(2 * w + 1)], -1) / math.sqrt(d)
     j = torch.arange(L)[:, None] + torch.arange(-w, w + 1)[None, :]  # the key index of each slot
     scores = scores.masked_fill((j < 0) | (j >= L), _INF)            # padding is not a key
-    weights = torch.softmax(scores, dim=-1)
-    return (v * weights[..., None, :]).sum(-1)                      # (B, H, L, d_v)
+    weights = torch.softmax(scores, dim=-1)                          # (B, H, L, 2w + 1)
+    return sum(weights[..., o, None] * vp[:, :, o:o + L] for o in range(2 * w + 1))  # (B, H, L, d_v)
 
 
 def _band_attn_expected(query, key, value, window):
@@ -275,8 +277,8 @@ def _no_square(name: str):
 
 
 # --- ch06.performer_attention --------------------------------------------------------------------
-# FAVOR+ with the given random features omega (m, d): scale q and k by d^(-1/4),
-# phi(x) = exp(omega x - |x|^2 / 2) / sqrt(m), out = phi(Q) [phi(K)^T V] / phi(Q) [phi(K)^T 1].
+# FAVOR+ with the given random features omega (F, d): scale q and k by d^(-1/4),
+# phi(x) = exp(omega x - |x|^2 / 2) / sqrt(F), out = phi(Q) [phi(K)^T V] / phi(Q) [phi(K)^T 1].
 # Mistakes: phi(Q) phi(K)^T first (L x L: quadratic; the L = 512 case fails on memory); no
 # normaliser; the -|x|^2 / 2 term dropped (it cancels for queries, not for keys); no d^(-1/4)
 # scaling, or 1/sqrt(d) on the queries only; omega used untransposed (the square case m = d).
@@ -342,14 +344,14 @@ def _favor_hint(case, got, expected):
     variants = [
         ({"normalise": False}, "divide by the normaliser phi(Q) [phi(K)^T 1], the features' estimate of "
                                "each row's softmax denominator."),
-        ({"key_norm": False}, "phi(x) = exp(omega x - |x|^2 / 2) / sqrt(m): keep the -|x|^2 / 2 term (it "
+        ({"key_norm": False}, "phi(x) = exp(omega x - |x|^2 / 2) / sqrt(F): keep the -|x|^2 / 2 term (it "
                               "cancels for the queries, not for the keys)."),
         ({"scale": "none"}, "scale q and k by d**-0.25 each, so that their dot product is q.k / sqrt(d)."),
         ({"scale": "query"}, "scale BOTH q and k by d**-0.25 (not q alone by 1 / sqrt(d)): the |x|^2 / 2 "
                              "term sees each scaled vector."),
     ]
     if omega.shape[0] == omega.shape[1]:
-        variants.append(({"transpose": False}, "omega is (m, d): the projections are x @ omega.T."))
+        variants.append(({"transpose": False}, "omega is (F, d): the projections are x @ omega.T."))
     for kwargs, text in variants:
         if matches(got, _favor_variant(q, k, v, omega, **kwargs), expected, atol=1e-4, rtol=1e-3):
             return text
@@ -358,7 +360,7 @@ def _favor_hint(case, got, expected):
 
 def _favor_raise_hint(case, message):
     if "cannot be multiplied" in message:
-        return "omega is (m, d), one random direction per row: project with x @ omega.T."
+        return "omega is (F, d), one random direction per row: project with x @ omega.T."
     return None
 
 
@@ -378,7 +380,7 @@ EXERCISES = [
              _band_attn_cases, _band_attn_expected, _band_attn_solution, _band_attn_hint,
              verify=_no_square("banded attention")),
     Exercise("ch06.performer_attention",
-             "performer_attention(query (B, H, L, d), key (B, H, L, d), value (B, H, L, d_v), omega (m, d)) "
+             "performer_attention(query (B, H, L, d), key (B, H, L, d), value (B, H, L, d_v), omega (F, d)) "
              "-> (B, H, L, d_v), FAVOR+ with positive features, never an L x L tensor",
              _favor_cases, _favor_expected, _favor_solution, _favor_hint, atol=1e-4, rtol=1e-3,
              verify=_no_square("Performer attention"), raise_hint=_favor_raise_hint),
