@@ -4,11 +4,17 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from attn_course.interpret import attention_rollout, gradient_attribution
+from attn_course.interpret import (
+    attention_rollout,
+    gradient_attribution,
+    permute_weights,
+    uniform_weights,
+)
 from attn_course.transformer import (
     ATTENTION_KINDS,
     Block,
     CausalSelfAttention,
+    SeedStack,
     TinyTransformer,
     pattern_mask,
 )
@@ -131,3 +137,124 @@ def test_gradient_attribution_is_a_directional_derivative():
 def test_bad_input_names_the_argument(call, exc, word):
     with pytest.raises(exc, match=word):
         call()
+
+
+# --- ablations, interpretability hooks and seed stacks (chapter 9's tests of explanations) -------
+
+def test_nope_attention_is_plain_causal_attention():
+    torch.manual_seed(0)
+    layer = CausalSelfAttention(16, 2, rope=False).double()
+    x = torch.randn(2, 7, 16, dtype=torch.float64)
+    q, k, v = (t.unflatten(-1, (2, 8)).transpose(1, 2) for t in layer.qkv(x).chunk(3, -1))
+    ref = F.scaled_dot_product_attention(q, k, v, is_causal=True).transpose(1, 2).flatten(-2)
+    torch.testing.assert_close(layer(x)[0], layer.proj(ref))
+
+
+def test_uniform_attention_is_the_running_mean_of_the_values():
+    torch.manual_seed(0)
+    layer = CausalSelfAttention(16, 2, kind="uniform").double()
+    x = torch.randn(2, 6, 16, dtype=torch.float64)
+    v = layer.qkv(x).chunk(3, -1)[2]
+    ref = torch.stack([v[:, : i + 1].mean(1) for i in range(6)], 1)
+    torch.testing.assert_close(layer(x)[0], layer.proj(ref))
+    _, w = layer(x, need_weights=True)
+    torch.testing.assert_close(w[0, 0, 3], torch.tensor([0.25] * 4 + [0.0] * 2, dtype=torch.float64))
+
+
+def test_a_hidden_token_changes_no_other_position():
+    torch.manual_seed(0)
+    model = TinyTransformer(12, 16, 2, 2).double().eval()
+    ids = torch.randint(0, 12, (3, 9))
+    keep = torch.ones(3, 9, dtype=torch.bool)
+    keep[:, 2] = False
+    changed = ids.clone()
+    changed[:, 2] = (changed[:, 2] + 3) % 12
+    a, _ = model(ids, key_mask=keep)
+    b, _ = model(changed, key_mask=keep)
+    others = [i for i in range(9) if i != 2]
+    torch.testing.assert_close(a[:, others], b[:, others])
+    torch.testing.assert_close(model(ids, key_mask=torch.ones_like(keep))[0], model(ids)[0])
+    # a hidden token is the same as a token that is not there, for positions before it ...
+    torch.testing.assert_close(a[:, :2], model(ids[:, :2])[0])
+    # ... and no query reads the hidden key, in any layer
+    _, w = model(ids, key_mask=keep, need_weights=True)
+    assert all(torch.all(layer_w[..., 2] == 0) for layer_w in w)
+    with pytest.raises(ValueError, match="key_mask"):
+        model(ids, key_mask=keep[:, :5])
+
+
+def test_edit_weights_hook():
+    torch.manual_seed(0)
+    model = TinyTransformer(12, 16, 2, 2).double().eval()
+    ids = torch.randint(0, 12, (2, 8))
+    torch.testing.assert_close(model(ids, edit_weights=lambda layer, w, m: w)[0], model(ids)[0])
+    uniform = TinyTransformer(12, 16, 2, 2, kind="uniform").double().eval()
+    uniform.load_state_dict(model.state_dict())
+    torch.testing.assert_close(model(ids, edit_weights=lambda layer, w, m: uniform_weights(w, m))[0], uniform(ids)[0])
+    seen = []
+    model(ids, edit_weights=lambda layer, w, m: seen.append((layer, w.shape)) or w)
+    assert seen == [(0, (2, 2, 8, 8)), (1, (2, 2, 8, 8))]
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_permuted_weights_shuffle_each_row_among_its_allowed_keys(seed):
+    g = torch.Generator().manual_seed(seed)
+    L = 7
+    mask = torch.rand(L, L, generator=g) < 0.6
+    mask |= torch.eye(L, dtype=torch.bool)
+    w = torch.softmax(torch.randn(3, 2, L, L, generator=g, dtype=torch.float64).masked_fill(~mask, -torch.inf), -1)
+    p = permute_weights(w, mask, generator=g)
+    assert torch.all(p[..., ~mask] == 0)
+    for row_w, row_p, allowed in zip(w.reshape(-1, L, L), p.reshape(-1, L, L), [mask] * 6):
+        for i in range(L):
+            torch.testing.assert_close(row_p[i, allowed[i]].sort().values, row_w[i, allowed[i]].sort().values)
+    assert not torch.equal(p, w)
+    torch.testing.assert_close(permute_weights(w, mask, generator=torch.Generator().manual_seed(1)).sum(-1),
+                               torch.ones(3, 2, L, dtype=torch.float64))
+
+
+def test_uniform_weights_closed_form():
+    mask = torch.ones(4, 4, dtype=torch.bool).tril()
+    mask[3, 0] = False
+    w = uniform_weights(torch.zeros(1, 4, 4), mask)
+    torch.testing.assert_close(w[0, 3], torch.tensor([0.0, 1 / 3, 1 / 3, 1 / 3]))
+    torch.testing.assert_close(w[0, 0], torch.tensor([1.0, 0.0, 0.0, 0.0]))
+    assert torch.all(uniform_weights(torch.zeros(2, 3), torch.zeros(2, 3, dtype=torch.bool)) == 0)
+
+
+@pytest.mark.parametrize("options", [{}, {"rope": False}, {"residual": False, "norm": False}, {"kind": "uniform"},
+                                     {"kind": "window", "window": 2}])
+def test_seed_stack_equals_each_model_and_trains_each_alone(options):
+    models = []
+    for seed in range(3):
+        torch.manual_seed(seed)
+        models.append(TinyTransformer(11, 16, 2, 2, **options).double())
+    stack = SeedStack(models)
+    ids = torch.randint(0, 11, (3, 4, 9))
+    out = stack(ids)
+    for i, m in enumerate(models):
+        torch.testing.assert_close(out[i], m(ids[i])[0])
+    # the summed loss gives copy m the gradient of model m alone
+    out.square().mean((1, 2, 3)).sum().backward()
+    for i, m in enumerate(models):
+        m(ids[i])[0].square().mean().backward()
+        grads = dict((n, p.grad) for n, p in m.named_parameters())
+        for name, p in zip(stack._names, stack.stacked):
+            torch.testing.assert_close(p.grad[i], grads[name])
+    with torch.no_grad():
+        stack.stacked[0].add_(1.0)
+    stack.write_back(models)
+    torch.testing.assert_close(stack(ids)[1], models[1](ids[1])[0])
+
+
+def test_seed_stack_bad_input():
+    a, b = TinyTransformer(11, 16, 2, 2), TinyTransformer(11, 16, 2, 2, rope=False)
+    with pytest.raises(ValueError, match="configuration"):
+        SeedStack([a, b])
+    with pytest.raises(TypeError, match="models"):
+        SeedStack([])
+    stack = SeedStack([a, TinyTransformer(11, 16, 2, 2)])
+    with pytest.raises(TypeError, match="ids"):
+        stack(torch.zeros(3, 2, 5, dtype=torch.long))
+    with pytest.raises(ValueError, match="ids"):
+        stack(torch.full((2, 1, 5), 11))

@@ -1,4 +1,5 @@
-"""Interpretability helpers for the capstone: attention rollout and gradient attribution."""
+"""Interpretability helpers for the capstone: attention rollout, gradient attribution, and the
+edits of attention weights that test them (a permutation, uniform weights)."""
 
 from __future__ import annotations
 
@@ -6,7 +7,7 @@ import torch
 
 from . import _checks
 
-__all__ = ["attention_rollout", "gradient_attribution"]
+__all__ = ["attention_rollout", "gradient_attribution", "permute_weights", "uniform_weights"]
 
 
 def attention_rollout(weights: list[torch.Tensor], *, residual: bool = True) -> torch.Tensor:
@@ -47,3 +48,39 @@ def gradient_attribution(model, ids: torch.Tensor, position: int, token: torch.T
     chosen = row.argmax(-1) if token is None else token
     row.gather(-1, chosen[:, None]).sum().backward()
     return (emb.grad * emb).sum(-1).detach()
+
+
+def _allowed(weights: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    _checks.float_tensor("weights", weights, min_ndim=2)
+    if mask is None:
+        return weights != 0
+    return _checks.bool_mask("mask", mask, tuple(weights.shape), weights.device).expand_as(weights)
+
+
+def permute_weights(weights: torch.Tensor, mask: torch.Tensor | None = None, *,
+                    generator: torch.Generator | None = None) -> torch.Tensor:
+    r"""Each query's attention weights shuffled among the keys it may read (Jain & Wallace, 2019).
+
+    Row by row, the weights on the allowed keys (``mask`` ``True``; by default the nonzero
+    weights) are permuted at random; masked keys keep weight 0. Every row keeps its
+    values, so it still sums to 1, but which key gets which weight is random: if the
+    output barely changes, *which* tokens the model attends to did not matter.
+    ``weights (..., L_q, L_k)``; ``mask`` broadcasts to it. Returns the same shape.
+    """
+    allowed = _allowed(weights, mask)
+    T = weights.shape[-1]
+    index = torch.arange(T, device=weights.device).expand_as(weights)
+    # allowed keys in order first, then the masked ones: the slots to fill
+    slots = torch.argsort(torch.where(allowed, index, index + T), dim=-1)
+    # allowed keys in a random order first, then the masked ones: where the weights come from
+    noise = torch.rand(weights.shape, generator=generator, dtype=torch.float64).to(weights.device)
+    source = torch.argsort(torch.where(allowed, noise, noise + 2), dim=-1)
+    return torch.zeros_like(weights).scatter(-1, slots, weights.gather(-1, source))
+
+
+def uniform_weights(weights: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+    r"""Uniform attention over the keys each query may read (Wiegreffe & Pinter, 2019's baseline):
+    :math:`a_{ij} = m_{ij} / \sum_{j'} m_{ij'}`; a row with no allowed key stays 0.
+    ``weights (..., L_q, L_k)`` gives the shape, dtype and (without ``mask``) the allowed keys."""
+    allowed = _allowed(weights, mask).to(weights.dtype)
+    return allowed / allowed.sum(-1, keepdim=True).clamp_min(1)

@@ -5,11 +5,17 @@ pre-norm blocks of causal multi-head self-attention (chapter 4's head split and 
 and an MLP, with residual connections and layer normalisation; a language-model head.
 The attention can be global, a sliding window or a dilated window (chapter 6's
 kernels), and decoding uses a key/value cache (chapter 4's :class:`~attn_course.multihead.KVCache`).
+For the chapter's ablations the rotary positions can be left out (``rope=False``, "NoPE"),
+the attention replaced by a uniform average over the earlier tokens (``kind="uniform"``),
+and :class:`SeedStack` trains several copies of one configuration (seeds) as one model.
 """
 
 from __future__ import annotations
 
+import copy
 import math
+import warnings
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -20,14 +26,17 @@ from .basics import masked_softmax
 from .multihead import KVCache, merge_heads, split_heads
 from .positional import apply_rope
 
-__all__ = ["CausalSelfAttention", "Block", "TinyTransformer", "ATTENTION_KINDS", "pattern_mask"]
+__all__ = ["CausalSelfAttention", "Block", "TinyTransformer", "SeedStack", "ATTENTION_KINDS", "pattern_mask"]
 
-ATTENTION_KINDS = ("global", "window", "dilated")
+ATTENTION_KINDS = ("global", "window", "dilated", "uniform")
 
 
 def pattern_mask(kind: str, length: int, window: int, dilation: int = 2, device=None) -> torch.Tensor:
-    """The ``(L, L)`` causal mask of an attention ``kind`` (``True`` = may attend)."""
-    if kind == "global":
+    """The ``(L, L)`` causal mask of an attention ``kind`` (``True`` = may attend).
+
+    ``"uniform"`` reads the same keys as ``"global"`` (every earlier token), with equal weights.
+    """
+    if kind in ("global", "uniform"):
         return torch.ones(length, length, dtype=torch.bool, device=device).tril()
     if kind == "window":
         return sparse.sliding_window_mask(length, window, is_causal=True).to(device)
@@ -42,39 +51,63 @@ class CausalSelfAttention(nn.Module):
 
     ``kind="global"`` uses torch's fused kernel; ``"window"`` (keys ``i - window .. i``)
     and ``"dilated"`` (that window plus every ``dilation``-th key back to
-    ``window * dilation``) use chapter 6's blocked kernels. ``forward(x (B, L, E), *,
-    cache=None, need_weights=False) -> (output (B, L, E), weights (B, H, L, T) or None)``;
-    with a :class:`~attn_course.multihead.KVCache`, ``x`` holds only the new tokens.
+    ``window * dilation``) use chapter 6's blocked kernels; ``"uniform"`` gives every
+    earlier token the weight :math:`1 / (i + 1)` whatever the queries and keys (the
+    uniform baseline of Wiegreffe & Pinter, 2019). ``rope=False`` leaves out the rotary
+    positions (no positional encoding at all, "NoPE").
+
+    ``forward(x (B, L, E), *, cache=None, need_weights=False, key_mask=None, edit_weights=None)
+    -> (output (B, L, E), weights (B, H, L, T) or None)``; with a
+    :class:`~attn_course.multihead.KVCache`, ``x`` holds only the new tokens. Two hooks for
+    interpretability experiments: ``key_mask (B, T)`` bool, ``False`` for tokens that no query
+    may read (erasure), and ``edit_weights(weights (B, H, L, T), mask) -> weights``, which
+    replaces the attention weights before they mix the values (e.g. a permutation of them,
+    Jain & Wallace, 2019); ``mask`` broadcasts to the weights and is ``True`` where a key may
+    be read. Both use the explicit (unfused) path.
     """
 
     def __init__(self, embed_dim: int, num_heads: int, *, kind: str = "global", window: int = 4,
-                 dilation: int = 2):
+                 dilation: int = 2, rope: bool = True):
         super().__init__()
         if kind not in ATTENTION_KINDS:
             raise ValueError(f"kind must be one of {ATTENTION_KINDS}, got {kind!r}")
         if embed_dim % num_heads or (embed_dim // num_heads) % 2:
             raise ValueError(f"embed_dim={embed_dim} / num_heads={num_heads} must be an even head width")
         self.num_heads, self.kind, self.window, self.dilation = num_heads, kind, window, dilation
+        self.rope = bool(rope)
         self.qkv = nn.Linear(embed_dim, 3 * embed_dim)
         self.proj = nn.Linear(embed_dim, embed_dim)
 
-    def forward(self, x, *, cache: KVCache | None = None, need_weights: bool = False):
+    def forward(self, x, *, cache: KVCache | None = None, need_weights: bool = False,
+                key_mask: torch.Tensor | None = None, edit_weights: Callable | None = None):
         B, L, _ = x.shape
         past = 0 if cache is None else cache.length
         q, k, v = (split_heads(t, self.num_heads) for t in self.qkv(x).chunk(3, dim=-1))  # (B, H, L, d)
-        positions = torch.arange(past, past + L, device=x.device)
-        q, k = apply_rope(q, positions), apply_rope(k, positions)
+        if self.rope:
+            positions = torch.arange(past, past + L, device=x.device)
+            q, k = apply_rope(q, positions), apply_rope(k, positions)
         if cache is not None:
             k, v = cache.append(k, v)
         T = past + L
-        if need_weights or cache is not None:
+        if need_weights or cache is not None or key_mask is not None or edit_weights is not None:
             mask = pattern_mask(self.kind, T, self.window, self.dilation, x.device)[past:]   # (L, T)
-            weights = masked_softmax(q @ k.transpose(-2, -1) / math.sqrt(q.shape[-1]), mask)
+            if key_mask is not None:
+                key_mask = _checks.bool_mask("key_mask", key_mask, (B, T), x.device)
+                mask = mask & key_mask.reshape(-1, 1, 1, T)                                   # (B, 1, L, T)
+            if self.kind == "uniform":
+                weights = mask.to(q.dtype).expand(B, self.num_heads, L, T)
+                weights = weights / weights.sum(-1, keepdim=True).clamp_min(1)
+            else:
+                weights = masked_softmax(q @ k.transpose(-2, -1) / math.sqrt(q.shape[-1]), mask)
+            if edit_weights is not None:
+                weights = edit_weights(weights, mask)
             out = weights @ v
         else:
             weights = None
             if self.kind == "global":
                 out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+            elif self.kind == "uniform":                        # the running mean of the values
+                out = v.cumsum(-2) / torch.arange(1, L + 1, device=x.device, dtype=v.dtype)[:, None]
             elif self.kind == "window":
                 out = sparse.sliding_window_attention(q, k, v, self.window, is_causal=True)
             else:
@@ -99,8 +132,9 @@ class Block(nn.Module):
         self.mlp = nn.Sequential(nn.Linear(embed_dim, mlp_ratio * embed_dim), nn.GELU(),
                                  nn.Linear(mlp_ratio * embed_dim, embed_dim))
 
-    def forward(self, x, *, cache=None, need_weights=False):
-        a, weights = self.attn(self.norm1(x), cache=cache, need_weights=need_weights)
+    def forward(self, x, *, cache=None, need_weights=False, key_mask=None, edit_weights=None):
+        a, weights = self.attn(self.norm1(x), cache=cache, need_weights=need_weights, key_mask=key_mask,
+                               edit_weights=edit_weights)
         x = x + a if self.residual else a
         m = self.mlp(self.norm2(x))
         return (x + m if self.residual else m), weights
@@ -111,29 +145,37 @@ class TinyTransformer(nn.Module):
 
     ``forward(ids (B, L), *, need_weights=False) -> (logits (B, L, vocab), [weights per layer])``;
     ``generate(prompt, steps, use_cache=True)`` decodes greedily.
+
+    Ablations: ``residual=False``, ``norm=False``, ``rope=False`` (no positional encoding),
+    ``kind="uniform"`` (no learned attention weights). Interpretability hooks, passed to every
+    layer (see :class:`CausalSelfAttention`): ``key_mask (B, L)`` hides tokens from every
+    query; ``edit_weights(layer, weights, mask) -> weights`` replaces layer ``layer``'s weights.
     """
 
     def __init__(self, vocab_size: int, embed_dim: int = 64, num_heads: int = 4, num_layers: int = 2, *,
                  mlp_ratio: int = 4, residual: bool = True, norm: bool = True, kind: str = "global",
-                 window: int = 4, dilation: int = 2):
+                 window: int = 4, dilation: int = 2, rope: bool = True):
         super().__init__()
         vocab_size = _checks.positive_number("vocab_size", vocab_size, integer=True)
         num_layers = _checks.positive_number("num_layers", num_layers, integer=True)
         self.embed = nn.Embedding(vocab_size, embed_dim)
         self.blocks = nn.ModuleList(
             Block(embed_dim, num_heads, mlp_ratio=mlp_ratio, residual=residual, norm=norm, kind=kind,
-                  window=window, dilation=dilation) for _ in range(num_layers))
+                  window=window, dilation=dilation, rope=rope) for _ in range(num_layers))
         self.norm = nn.LayerNorm(embed_dim) if norm else nn.Identity()
         self.head = nn.Linear(embed_dim, vocab_size)
 
-    def forward(self, ids, *, need_weights: bool = False, caches: list | None = None, embeddings=None):
+    def forward(self, ids, *, need_weights: bool = False, caches: list | None = None, embeddings=None,
+                key_mask: torch.Tensor | None = None, edit_weights: Callable | None = None):
         if embeddings is None:
             x = self.embed(_checks.token_ids("ids", ids, self.embed.num_embeddings))
         else:
             x = embeddings  # lets attribution methods differentiate with respect to the embeddings
         all_weights = []
         for i, block in enumerate(self.blocks):
-            x, w = block(x, cache=None if caches is None else caches[i], need_weights=need_weights)
+            edit = None if edit_weights is None else (lambda w, m, i=i: edit_weights(i, w, m))
+            x, w = block(x, cache=None if caches is None else caches[i], need_weights=need_weights,
+                         key_mask=key_mask, edit_weights=edit)
             all_weights.append(w)
         return self.head(self.norm(x)), (all_weights if need_weights else None)
 
@@ -155,3 +197,74 @@ class TinyTransformer(nn.Module):
             logits, _ = self(ids)
             ids = torch.cat([ids, logits[:, -1:].argmax(-1)], dim=1)
         return ids
+
+
+def _configuration(model: TinyTransformer) -> tuple:
+    """What, besides the weights' shapes, makes two TinyTransformers compute the same function."""
+    blocks = tuple((b.residual, type(b.norm1).__name__, b.attn.num_heads, b.attn.kind, b.attn.window,
+                    b.attn.dilation, b.attn.rope) for b in model.blocks)
+    return (type(model.norm).__name__, blocks,
+            tuple((n, tuple(p.shape), p.dtype) for n, p in model.named_parameters()))
+
+
+class SeedStack(nn.Module):
+    """``M`` copies of one :class:`TinyTransformer` configuration, each with its own weights
+    (e.g. its own seed), evaluated and trained as one model.
+
+    The copies' parameters are stacked along a leading model axis
+    (:func:`torch.func.stack_module_state`) and the forward pass is mapped over that axis
+    with :func:`torch.func.vmap`. Summing the ``M`` losses gives each copy exactly the
+    gradient it would get alone, and Adam acts element by element, so training the stack
+    trains ``M`` independent models. Any configuration works (no residuals, no norm, no
+    positions, uniform attention), which :class:`attn_course.modern.ParallelTransformers`
+    (faster, but only residual pre-norm RoPE models) does not cover.
+
+    ``forward(ids (M, B, L)) -> logits (M, B, L, vocab)``: copy ``m`` reads ``ids[m]``.
+    :meth:`write_back` copies the trained weights into the models.
+    """
+
+    def __init__(self, models: Sequence[TinyTransformer]):
+        super().__init__()
+        models = list(models)
+        if not models or not all(isinstance(m, TinyTransformer) for m in models):
+            raise TypeError(f"models must be a non-empty list of TinyTransformer, got "
+                            f"{[type(m).__name__ for m in models]}")
+        first = _configuration(models[0])
+        if any(_configuration(m) != first for m in models[1:]):
+            raise ValueError("models must share one TinyTransformer configuration (sizes, kind, window, "
+                             "rope, residual, norm); only their weights may differ")
+        params, _ = torch.func.stack_module_state(models)
+        self.num_models = len(models)
+        self._names = list(params)
+        self.stacked = nn.ParameterList(nn.Parameter(params[n].detach().clone()) for n in self._names)
+        self._skeleton = [copy.deepcopy(models[0]).to("meta")]  # a list: not a registered submodule
+        self._vocab = models[0].embed.num_embeddings
+
+        def one(weights, ids):                                       # one copy, ids (B, L)
+            weights = dict(zip(self._names, weights))
+            emb = weights["embed.weight"][ids]
+            return torch.func.functional_call(self._skeleton[0], weights, (ids,), {"embeddings": emb})[0]
+
+        self._forward = torch.func.vmap(one)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        M = self.num_models
+        if not isinstance(ids, torch.Tensor) or ids.dtype != torch.long or ids.ndim != 3 or ids.shape[0] != M:
+            raise TypeError(f"ids must be an int64 tensor (M={M}, B, L), got "
+                            f"{getattr(ids, 'dtype', type(ids).__name__)} of shape {tuple(getattr(ids, 'shape', ()))}")
+        if ids.numel() and (ids.min() < 0 or ids.max() >= self._vocab):
+            raise ValueError(f"ids holds ids outside [0, {self._vocab}): min {int(ids.min())}, max {int(ids.max())}")
+        with warnings.catch_warnings():  # torch's fused CPU attention has no vmap rule yet: a loop, still right
+            warnings.filterwarnings("ignore", message=".*performance drop.*")
+            return self._forward(tuple(self.stacked), ids)
+
+    @torch.no_grad()
+    def write_back(self, models: Sequence[TinyTransformer]) -> None:
+        """Copy the (trained) weights of copy ``m`` into ``models[m]``."""
+        models = list(models)
+        if len(models) != self.num_models:
+            raise TypeError(f"models must be {self.num_models} TinyTransformer(s), got {len(models)}")
+        for m, model in enumerate(models):
+            own = dict(model.named_parameters())
+            for name, p in zip(self._names, self.stacked):
+                own[name].copy_(p[m])
