@@ -83,16 +83,17 @@ def nadaraya_watson(x_train: torch.Tensor, y_train: torch.Tensor, x_query: torch
     r"""Nadaraya-Watson kernel regression: attention pooling with a Gaussian kernel.
 
     .. math:: \hat y(x) = \sum_i \alpha(x, x_i)\, y_i, \qquad
-              \alpha(x, x_i) = \mathrm{softmax}_i\Big(-\tfrac12 \big(\tfrac{x - x_i}{h}\big)^2\Big)
+              \alpha(x, x_i) = \mathrm{softmax}_i\Big(-\tfrac12 \big(\tfrac{x - x_i}{\sigma}\big)^2\Big)
 
     The query is ``x``, the keys are ``x_i``, the values are ``y_i`` and the
-    bandwidth ``h`` sets how local the average is (Nadaraya 1964; Watson 1964).
+    bandwidth ``sigma`` (the argument ``bandwidth``) sets how local the average is
+    (Nadaraya 1964; Watson 1964).
 
     Args:
         x_train: ``(n_train,)`` keys.
         y_train: ``(n_train,)`` values.
         x_query: ``(n_query,)`` queries.
-        bandwidth: ``h > 0``.
+        bandwidth: ``sigma > 0``.
 
     Returns:
         ``y_pred (n_query,)`` and ``weights (n_query, n_train)``, rows summing to 1.
@@ -260,7 +261,10 @@ def _check_features(name: str, x: torch.Tensor, expected: int, arg: str) -> None
 # --- The "is attention feature selection?" experiment ------------------------------------
 
 class FixedSelectionPool(nn.Module):
-    r"""Feature selection as a baseline: one learned weighting of positions, the same for every input.
+    r"""Selection as a baseline: one learned weighting of positions, the same for every input.
+
+    Seen as feature selection on the flattened input, it selects among the value
+    features ``x[..., i, 0]`` (one per position) and ignores the other channels.
 
     .. math:: \hat y = \sum_i \mathrm{softmax}(\theta)_i\, v_i
 

@@ -437,9 +437,9 @@ EXERCISES = [
              "weights (n_query, n_train))",
              _nw_cases, _nadaraya_watson, _nw_solution, _nw_hint),
     Exercise("ch01.fit_bandwidth",
-             "fit_bandwidth(x_train, y_train, x_val, y_val, steps, lr) -> float: the bandwidth h "
-             "after `steps` gradient-descent steps on log h (starting at h = 1) on the mean squared "
-             "error at x_val",
+             "fit_bandwidth(x_train, y_train, x_val, y_val, steps, lr) -> float: the bandwidth "
+             "sigma after `steps` gradient-descent steps on log sigma (starting at sigma = 1) on "
+             "the mean squared error at x_val",
              _fit_cases, _fit_expected, _fit_solution, _fit_hint, atol=1e-4, rtol=1e-3),
     Exercise("ch01.masked_softmax",
              "masked_softmax(scores, mask) -> weights of scores' shape (mask: bool, True = keep)",
