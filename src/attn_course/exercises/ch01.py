@@ -81,10 +81,10 @@ def _nw_hint(case, got, expected):
             (torch.softmax(kernel, 0), "normalise over the training points (dim=1), not the queries."),
             (torch.exp(kernel), "each row of weights must sum to 1: use a softmax over the training "
                                 "points, not exp() alone."),
-            (torch.softmax(-((d / h) ** 2), 1), "check the kernel exp(-((x_q - x_i) / h)**2 / 2): "
+            (torch.softmax(-((d / h) ** 2), 1), "check the kernel exp(-((x_q - x_i) / sigma)**2 / 2): "
                                                 "you dropped the 1/2."),
-            (torch.softmax(-0.5 * d**2 / h, 1), "check the kernel: divide the distance by h before "
-                                                "squaring, ((x_q - x_i) / h)**2."),
+            (torch.softmax(-0.5 * d**2 / h, 1), "check the kernel: divide the distance by sigma before "
+                                                "squaring, ((x_q - x_i) / sigma)**2."),
             (torch.softmax(-0.5 * (d * h) ** 2, 1), "check the kernel: divide by the bandwidth, do not "
                                                     "multiply."),
             (torch.softmax(-0.5 * (d / h).abs(), 1), "check the kernel: square the distance.")):
@@ -170,14 +170,14 @@ def _fit_hint(case, got, expected):
             math.isclose(v, expected, rel_tol=1e-3, abs_tol=1e-4)
 
     if near(math.log(expected)):
-        return "that is log h: return the bandwidth itself, h = exp(log h)."
+        return "that is log sigma: return the bandwidth itself, sigma = exp(log_sigma)."
     for kwargs, text in (
             ({"accumulate": True}, "zero the gradient after every step (or use torch.autograd.grad): "
                                    "backward() adds to .grad, so old gradients pile up."),
-            ({"on": "h"}, "take the steps on log h (h = exp(log_h) stays positive), not on h."),
+            ({"on": "h"}, "take the steps on log_sigma (sigma = exp(log_sigma) stays positive), not on sigma."),
             ({"reduce": "sum"}, "the loss is the mean squared error over the validation points, "
                                 "not the sum."),
-            ({"sign": -1.0}, "step downhill: log_h -= lr * gradient."),
+            ({"sign": -1.0}, "step downhill: log_sigma -= lr * gradient."),
             ({"queries": "train"}, "predict at x_val and compare with y_val: the training points "
                                    "are the keys and values.")):
         if near(_fit_reference(*case.args, **kwargs)):
