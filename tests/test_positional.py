@@ -1,5 +1,6 @@
 """attn_course.positional against closed forms, the papers' formulas and properties."""
 
+import copy
 import math
 
 import pytest
@@ -17,8 +18,10 @@ from attn_course.positional import (
     alibi_bias,
     alibi_slopes,
     apply_rope,
+    fit_parallel,
     sinusoidal_encoding,
 )
+from attn_course.train import fit, sequence_cross_entropy
 
 
 @pytest.mark.parametrize("length, dim, base", [(7, 8, 10000.0), (5, 6, 100.0), (3, 5, 10000.0)])
@@ -185,6 +188,67 @@ def test_learned_embedding_and_model_shapes():
     for encoding in ENCODINGS:
         logits, w = PositionalModel(7, 8, 2, encoding, max_length=12)(torch.randint(0, 7, (3, 12)))
         assert logits.shape == (3, 12, 7) and w.shape == (3, 2, 12, 12)
+
+
+def test_alibi_slopes_index_heads_from_one():
+    # Press et al.: head h = 1 .. H has slope 2^(-8h/H), so the first head's slope is 2^(-8/H), not 1
+    for H in (1, 2, 4, 8, 16):
+        torch.testing.assert_close(alibi_slopes(H), torch.tensor([2 ** (-8 * h / H) for h in range(1, H + 1)]))
+
+
+def test_two_layer_model_composes_its_layers():
+    torch.manual_seed(0)
+    model = PositionalModel(7, 8, 2, "alibi", num_layers=2).double()
+    ids = torch.randint(0, 7, (3, 9))
+    x = model.tokens(ids)
+    out1, _ = model.attention(x)
+    out2, w2 = model.more_layers[0](x + out1)
+    logits, w = model(ids)
+    torch.testing.assert_close(logits, model.readout(x + out1 + out2))
+    torch.testing.assert_close(w, w2)
+    with pytest.raises(ValueError, match="num_layers"):
+        PositionalModel(7, 8, 2, "rope", num_layers=0)
+
+
+@pytest.mark.parametrize("encoding", ENCODINGS)
+def test_fit_parallel_equals_separate_fits(encoding):
+    """Each copy follows exactly the trajectory of train.fit with its own seed and data."""
+    g = torch.Generator().manual_seed(0)
+    data = [(torch.randint(0, 6, (40, 9), generator=g), torch.randint(0, 6, (40, 9), generator=g)) for _ in range(3)]
+    for _, y in data:
+        y[:, :2] = -100
+    torch.manual_seed(1)
+    models = [PositionalModel(6, 8, 2, encoding, max_length=9).double() for _ in range(3)]
+    reference = [copy.deepcopy(m) for m in models]
+    losses = fit_parallel(models, [x for x, _ in data], [y for _, y in data], loss_fn=sequence_cross_entropy,
+                          steps=15, lr=1e-2, batch_size=8, seeds=[5, 6, 7])
+    assert losses.shape == (15, 3)
+    for m, (ref, (x, y), seed) in enumerate(zip(reference, data, (5, 6, 7))):
+        history = fit(ref, x, y, loss_fn=sequence_cross_entropy, steps=15, lr=1e-2, batch_size=8, seed=seed)
+        torch.testing.assert_close(losses[:, m].double(), torch.tensor(history.losses, dtype=torch.float64),
+                                   atol=1e-6, rtol=1e-6)
+    for m, ref in zip(models, reference):
+        assert not m.training
+        for a, b in zip(m.parameters(), ref.parameters()):
+            torch.testing.assert_close(a, b, atol=1e-10, rtol=1e-10)
+
+
+def test_fit_parallel_shared_data_and_bad_input():
+    x = torch.randint(0, 5, (30, 6))
+    y = torch.randint(0, 5, (30, 6))
+    torch.manual_seed(0)
+    models = [PositionalModel(5, 8, 2, "rope") for _ in range(2)]
+    before = [p.clone() for p in models[0].parameters()]
+    fit_parallel(models, x, y, loss_fn=sequence_cross_entropy, steps=3, batch_size=4)
+    assert any(not torch.equal(a, b) for a, b in zip(models[0].parameters(), before))
+    with pytest.raises(ValueError, match="same parameter names"):
+        fit_parallel([PositionalModel(5, 8, 2, "rope"), PositionalModel(5, 8, 2, "learned")], x, y, steps=1)
+    with pytest.raises(ValueError, match="one seed per model"):
+        fit_parallel(models, x, y, steps=1, seeds=[0])
+    with pytest.raises(TypeError, match="list of 2 tensors"):
+        fit_parallel(models, [x], y, steps=1)
+    with pytest.raises(ValueError, match="same number of examples"):
+        fit_parallel(models, x, y[:10], steps=1)
 
 
 @pytest.mark.parametrize("call, exc, word", [

@@ -5,7 +5,9 @@ order: sinusoidal and learned absolute encodings (added to the inputs),
 relative position representations (Shaw et al., 2018: learned vectors for
 clipped distances, added to keys and values), rotary embeddings (RoPE, Su et
 al., 2021: queries and keys rotated by their position) and ALiBi (Press et
-al., 2021: a per-head linear penalty on distance, added to the scores).
+al., 2021: a per-head linear penalty on distance, added to the scores); ``"none"`` is
+NoPE (Kazemnejad et al., 2023: no position information but the causal mask).
+:func:`fit_parallel` trains several seeds of a model at once (``torch.func.vmap``).
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from torch import nn
 from . import _checks
 from .basics import masked_softmax
 from .multihead import merge_heads, split_heads
+from .widgets import is_static
 
 __all__ = [
     "sinusoidal_encoding",
@@ -29,6 +32,7 @@ __all__ = [
     "relative_position_index",
     "PositionalSelfAttention",
     "PositionalModel",
+    "fit_parallel",
     "ENCODINGS",
 ]
 
@@ -230,29 +234,128 @@ class PositionalSelfAttention(nn.Module):
         return self.out(merge_heads(heads)), weights
 
 
+def _under_vmap(t) -> bool:
+    """Whether ``t`` is a tensor batched by ``torch.func.vmap`` (whose values Python cannot test)."""
+    is_batched = getattr(getattr(torch._C, "_functorch", None), "is_batchedtensor", None)
+    return bool(is_batched and isinstance(t, torch.Tensor) and is_batched(t))
+
+
 class PositionalModel(nn.Module):
-    """Embeddings, an optional input-side encoding, one positional self-attention layer, a readout.
+    """Embeddings, an optional input-side encoding, positional self-attention layers, a readout.
 
     ``forward(ids (B, L)) -> (logits (B, L, vocab_size), weights (B, H, L, L))``. A residual
-    connection carries each token's own embedding past the attention layer.
+    connection carries each token's representation past every attention layer; ``weights``
+    are those of the last layer. ``num_layers`` (default 1) causal attention layers, each
+    with the same kind of position information (``encoding``), and no MLP.
     """
 
     def __init__(self, vocab_size: int, embed_dim: int, num_heads: int, encoding: str, *,
-                 max_length: int = 256, max_distance: int = 8):
+                 max_length: int = 256, max_distance: int = 8, num_layers: int = 1):
         super().__init__()
         _checks.positive_number("vocab_size", vocab_size, integer=True)
+        num_layers = _checks.positive_number("num_layers", num_layers, integer=True)
         self.encoding = encoding
         self.tokens = nn.Embedding(vocab_size, embed_dim)
         self.learned = LearnedPositionalEmbedding(max_length, embed_dim) if encoding == "learned" else None
         self.attention = PositionalSelfAttention(embed_dim, num_heads, encoding, max_distance=max_distance)
+        self.more_layers = nn.ModuleList(
+            PositionalSelfAttention(embed_dim, num_heads, encoding, max_distance=max_distance)
+            for _ in range(num_layers - 1))
         self.readout = nn.Linear(embed_dim, vocab_size)
 
     def forward(self, ids: torch.Tensor):
-        _checks.token_ids("ids", ids, self.tokens.num_embeddings)
+        # Under torch.func.vmap (fit_parallel) the ids' values cannot steer Python's control flow:
+        # check their shape and dtype only (the embedding lookup still rejects a bad id).
+        _checks.token_ids("ids", ids, None if _under_vmap(ids) else self.tokens.num_embeddings)
         x = self.tokens(ids)
         if self.encoding == "sinusoidal":
             x = x + sinusoidal_encoding(ids.shape[1], x.shape[-1]).to(x.device, x.dtype)
         elif self.learned is not None:
             x = self.learned(x)
-        out, weights = self.attention(x)
-        return self.readout(x + out), weights
+        for layer in (self.attention, *self.more_layers):
+            out, weights = layer(x)
+            x = x + out
+        return self.readout(x), weights
+
+
+def fit_parallel(models, inputs, targets, *, loss_fn=None, steps: int = 300,
+                 lr: float = 1e-2, batch_size: int = 64, seeds=None, desc: str = "training") -> torch.Tensor:
+    """Train ``M`` models of one architecture at once, each exactly as :func:`attn_course.train.fit` would.
+
+    The weights are stacked along a leading model axis (``torch.func.stack_module_state``)
+    and the forward pass is ``vmap``-ped over it. The loss is the sum of the ``M`` losses,
+    so each copy gets exactly its own gradient, and Adam works element by element: copy
+    ``m`` follows the same trajectory as ``fit(models[m], inputs[m], targets[m],
+    seed=seeds[m])`` (the same mini-batches, drawn from a generator seeded with
+    ``seeds[m]``), up to floating-point rounding. What is shared is the Python overhead of
+    a step, which dominates for small models: several seeds (or several data sets, e.g.
+    tasks) cost little more than one.
+
+    ``inputs``, ``targets``: tensors ``(n, ...)`` shared by all models, or lists of ``M``
+    tensors of one shape (a data set per model, e.g. one task each). ``seeds`` defaults
+    to ``0 .. M-1``, ``loss_fn`` to mean squared error. The trained weights are written back into ``models``, which are left in eval mode.
+    Returns the losses, ``(steps, M)``.
+    """
+    from torch.func import functional_call, stack_module_state, vmap
+    from tqdm.auto import trange
+
+    models = list(models)
+    if not models or not all(isinstance(m, nn.Module) for m in models):
+        raise TypeError("models must be a non-empty sequence of nn.Module")
+    names = [tuple((k, v.shape) for k, v in m.state_dict().items()) for m in models]
+    if any(n != names[0] for n in names[1:]):
+        raise ValueError("every model must have the same parameter names and shapes")
+    M = len(models)
+    steps = _checks.positive_number("steps", steps, integer=True)
+    lr = _checks.positive_number("lr", lr)
+    batch_size = _checks.positive_number("batch_size", batch_size, integer=True)
+    seeds = list(range(M)) if seeds is None else [int(s) for s in seeds]
+    if len(seeds) != M:
+        raise ValueError(f"seeds must hold one seed per model ({M}), got {len(seeds)}")
+
+    def per_model(name, t):
+        if isinstance(t, torch.Tensor):
+            return t.expand(M, *t.shape)                      # one data set, shared by all
+        t = list(t) if isinstance(t, (list, tuple)) else None
+        if t is None or len(t) != M or not all(isinstance(x, torch.Tensor) for x in t):
+            raise TypeError(f"{name} must be a tensor (shared) or a list of {M} tensors (one per model)")
+        if any(x.shape != t[0].shape for x in t):
+            raise ValueError(f"the {M} tensors of {name} must have one shape, got {[tuple(x.shape) for x in t]}")
+        return torch.stack(t)
+
+    inputs_m, targets_m = per_model("inputs", inputs), per_model("targets", targets)
+    if inputs_m.shape[1] != targets_m.shape[1]:
+        raise ValueError(f"inputs and targets must have the same number of examples, got "
+                         f"{inputs_m.shape[1]} and {targets_m.shape[1]}")
+    n = inputs_m.shape[1]
+    loss_fn = loss_fn or nn.functional.mse_loss
+
+    params, buffers = stack_module_state(models)            # each (M, ...)
+    template = models[0]
+
+    def predict(p, b, x):
+        out = functional_call(template, (p, b), (x,))
+        return out[0] if isinstance(out, tuple) else out
+
+    batched = vmap(predict)
+    gens = [torch.Generator(device="cpu").manual_seed(s) for s in seeds]
+    opt = torch.optim.Adam(params.values(), lr=lr)
+    rows = torch.arange(M, device=targets_m.device)[:, None]
+    losses = torch.empty(steps, M)
+    for m in models:
+        m.train()
+    for step in trange(steps, desc=desc, disable=is_static(), leave=False):
+        idx = torch.stack([torch.randint(0, n, (min(batch_size, n),), generator=g) for g in gens])
+        idx = idx.to(targets_m.device)
+        pred = batched(params, buffers, inputs_m[rows, idx])  # (M, B, ...)
+        y = targets_m[rows, idx]
+        each = torch.stack([loss_fn(pred[m], y[m]) for m in range(M)])
+        opt.zero_grad()
+        each.sum().backward()                                 # copy m's gradient is its own loss's
+        opt.step()
+        losses[step] = each.detach().cpu()
+    with torch.no_grad():
+        for i, m in enumerate(models):
+            m.load_state_dict({k: v[i] for k, v in {**params, **buffers}.items()})
+            m.eval()
+    return losses

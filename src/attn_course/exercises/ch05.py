@@ -38,7 +38,8 @@ def _table(positions, d, *, layout="interleaved", exponent="2i/d", swap=False):
 
 # --- ch05.sinusoidal_encoding ---------------------------------------------------------------------
 # Mistakes: sine and cosine swapped; the exponent i/d instead of 2i/d (i counting pairs); all
-# sines then all cosines (two halves) instead of interleaved; positions counted from 1.
+# sines then all cosines (two halves: a column permutation of the table, not the formula asked
+# for); positions counted from 1.
 
 def _sin_solution(length, dim):
     pos = torch.arange(length, dtype=torch.float64)[:, None]                # (L, 1)
@@ -63,7 +64,9 @@ def _sin_hint(case, got, expected):
             (_table(p, d, exponent="i/d"), "the exponent is 2i/dim, where i counts pairs: use "
                                            "torch.arange(0, dim, 2) / dim."),
             (_table(p, d, layout="halves"), "interleave: column 2i holds sin and column 2i+1 cos of the "
-                                            "same frequency (not all sines, then all cosines)."),
+                                            "same frequency, as in the paper's formula. All sines, then "
+                                            "all cosines is the same table with its columns permuted "
+                                            "(as usable in a model), but not this formula."),
             (_table(p + 1, d), "positions start at 0.")):
         if matches(got, variant, expected, atol=1e-4):
             return text
@@ -72,7 +75,8 @@ def _sin_hint(case, got, expected):
 
 # --- ch05.apply_rope --------------------------------------------------------------------------
 # Mistakes: rotating the wrong way; pairing x[i] with x[i + d/2] (the "rotate-half" layout of
-# GPT-NeoX and Llama: a valid RoPE, but a permutation of this exercise's interleaved pairs);
+# GPT-NeoX and Llama: not a mistake in a model, where it is RoFormer's RoPE with the features
+# permuted, but not this exercise's interleaved pairs, so the hint says so without calling it wrong);
 # ignoring the given positions (using 0 .. L-1; the cases use 3, 5, 7...); the exponent i/d;
 # overwriting x_2i before computing x_2i+1 from it.
 
@@ -121,9 +125,11 @@ def _rope_hint(case, got, expected):
         return None
     for kwargs, text in (
             ({"sign": -1.0}, "you rotate the wrong way: (x0, x1) -> (x0 cos - x1 sin, x0 sin + x1 cos)."),
-            ({"layout": "halves"}, "that is the rotate-half layout (GPT-NeoX, Llama), which pairs x[i] with "
-                                   "x[i + d/2]: a valid RoPE, but this exercise uses the interleaved pairs "
-                                   "(x[..., 2i], x[..., 2i+1]) of RoFormer."),
+            ({"layout": "halves"}, "that is the rotate-half layout (GPT-NeoX, Hugging Face Llama), which "
+                                   "pairs x[i] with x[i + d/2]. It is not wrong: it is RoFormer's RoPE with "
+                                   "the features permuted, and works as well in a model. This exercise asks "
+                                   "for RoFormer's interleaved pairs (x[..., 2i], x[..., 2i+1]), as "
+                                   "attn_course.apply_rope does."),
             ({"exponent": "i/d"}, "pair i turns by position * 10000**(-2i/d): use torch.arange(0, d, 2) / d."),
             ({"sequential": True}, "compute both new coordinates from the OLD pair: you overwrote x_2i "
                                    "before using it for x_2i+1.")):
@@ -193,8 +199,9 @@ def _rs_hint(case, got, expected):
                                                     "and one by +n give a score that depends on m + n."),
         (scores(rot(q, pq), rot(k, pk), 1.0), "scale the scores by 1 / sqrt(d)."),
         (scores(rot(q, pq, layout="halves"), rot(k, pk, layout="halves")),
-         "use the interleaved pairs (x[..., 2i], x[..., 2i+1]); you used the rotate-half layout, which is "
-         "a valid RoPE too but not this exercise's."),
+         "you used the rotate-half layout (x[i] with x[i + d/2], as in GPT-NeoX and Llama): a valid RoPE, "
+         "RoFormer's with the features permuted, but for the same q and k it gives other scores. This "
+         "exercise uses the interleaved pairs (x[..., 2i], x[..., 2i+1])."),
     ]
     if len(pq) == len(pk):
         variants.append((scores(rot(q, pk), rot(k, pq)), "rotate q by q_positions and k by k_positions."))
