@@ -12,14 +12,19 @@ from attn_course.data import copy_after_marker_task, marked_item_task
 from attn_course.train import fit_stream, sequence_cross_entropy
 from attn_course.variants import (
     ConvTagger,
+    DynamicConvTagger,
     LocalAttentionTagger,
     LuongAttention,
     MarkerSelector,
+    StackedMarkerSelectors,
     conv_receptive_field,
+    fit_seeds,
     gumbel_softmax,
     local_window_weights,
     receptive_field,
     sample_hard,
+    scorer_gradient_draws,
+    shifted_copy_task,
 )
 
 
@@ -81,8 +86,28 @@ def test_local_m_equals_global_attention_restricted_to_the_window():
     g = LuongAttention(4, 5, "global").double()
     g.load_state_dict(layer.state_dict())
     torch.testing.assert_close(g(q, k, v)[1], torch.softmax(q @ layer.W(k).transpose(-2, -1), -1))
-    _, wp, cp = LuongAttention(4, 5, "local-p", window=2)(q.float(), k.float(), v.float())
-    assert torch.all((cp >= 0) & (cp <= 5)) and wp.shape == (2, 6, 6)
+    lp = LuongAttention(4, 5, "local-p", window=2).double()
+    _, wp, cp = lp(q, k, v)
+    # Luong et al. (2015), eq. 9: p_t = S * sigmoid(v_p^T tanh(W_p h_t)), S = source length (6 here)
+    want = 6 * torch.sigmoid(lp.v_p(torch.tanh(lp.W_p(q)))).squeeze(-1)
+    torch.testing.assert_close(cp, want)
+    assert torch.all((cp >= 0) & (cp <= 6)) and wp.shape == (2, 6, 6)
+    assert torch.all(wp.sum(-1) < 1)                             # the Gaussian is not renormalised
+
+
+@given(st.integers(0, 2**31 - 1), st.integers(0, 4))
+def test_local_p_rows_sum_to_less_than_one(seed, window):
+    g = torch.Generator().manual_seed(seed)
+    scores = torch.randn(3, 12, generator=g, dtype=torch.float64)
+    centres = 12 * torch.rand(3, generator=g, dtype=torch.float64)
+    sums = local_window_weights(scores, centres, window, gaussian=True).sum(-1)
+    # (a centre above S - 1/2 with window 0 has no key in its window: zero weights, never NaN)
+    assert torch.all(sums <= 1 + 1e-12) and torch.all(sums >= 0)
+    inside = local_window_weights(scores, centres.clamp(max=11), window, gaussian=True).sum(-1)
+    assert torch.all(inside > 0) and torch.all(inside <= 1 + 1e-12)
+    # local-m (no Gaussian) rows with a key in the window sum to exactly 1
+    torch.testing.assert_close(local_window_weights(scores, centres.clamp(max=11), window).sum(-1),
+                               torch.ones(3, dtype=torch.float64))
 
 
 @pytest.mark.parametrize("layers, k, d", [(1, 3, 1), (3, 3, 1), (2, 5, 1), (4, 3, 2)])
@@ -165,9 +190,149 @@ def test_conv_tagger_shapes():
     (lambda: LuongAttention(2, 2, "nearby"), ValueError, "mode"),
     (lambda: MarkerSelector(3, 2, "argmax"), ValueError, "mode"),
     (lambda: ConvTagger(3, 2, 3, depth=4), ValueError, "depth"),
+    (lambda: DynamicConvTagger(3, 2, 2, hidden=6, heads=4), ValueError, "heads"),
+    (lambda: shifted_copy_task(2, 4, 4), ValueError, "shift"),
+    (lambda: StackedMarkerSelectors([MarkerSelector(3, 2), MarkerSelector(3, 2, "gumbel")]), ValueError, "mode"),
+    (lambda: StackedMarkerSelectors([]), TypeError, "models"),
+    (lambda: StackedMarkerSelectors([MarkerSelector(3, 2)] * 2).scores(torch.zeros(3, 4, 5, 3)), ValueError, "x"),
+    (lambda: scorer_gradient_draws(MarkerSelector(3, 2), torch.zeros(2, 4, 3), torch.zeros(2).long(), 0),
+     ValueError, "draws"),
     (lambda: receptive_field(lambda x: x, 5, 1, 7), ValueError, "position"),
     (lambda: conv_receptive_field(0, 3), ValueError, "num_layers"),
 ])
 def test_bad_input_names_the_argument(call, exc, word):
     with pytest.raises(exc, match=word):
         call()
+
+
+def test_reinforce_baseline_updates_only_when_asked():
+    g = torch.Generator().manual_seed(0)
+    x, y = marked_item_task(16, 10, generator=g)
+    model = MarkerSelector(9, 8, "reinforce")
+    model.loss(x, y, g, update_baseline=False)
+    assert model.baseline.item() == 0.0
+    model.loss(x, y, torch.Generator().manual_seed(5))
+    idx, _ = sample_hard(model.scores(x), torch.Generator().manual_seed(5))
+    w = torch.nn.functional.one_hot(idx, 10).float()
+    per_example = torch.nn.functional.cross_entropy(model.classifier((w[..., None] * x).sum(1)), y, reduction="none")
+    torch.testing.assert_close(model.baseline, 0.1 * per_example.mean().detach())
+
+
+@pytest.mark.parametrize("mode", ["soft", "reinforce", "gumbel"])
+def test_a_stack_of_one_equals_the_model(mode):
+    torch.manual_seed(0)
+    model = MarkerSelector(9, 8, mode).double()
+    stack = StackedMarkerSelectors([model])
+    x, y = marked_item_task(12, 7, generator=torch.Generator().manual_seed(1))
+    x = x.double()
+    for _ in range(2):                                          # the second call uses the updated baseline
+        loss, acc = model.loss(x, y, torch.Generator().manual_seed(2))
+        s_loss, s_acc = stack.loss(x[None], y[None], torch.Generator().manual_seed(2))
+        torch.testing.assert_close(s_loss, loss)
+        assert s_acc.item() == acc
+        torch.testing.assert_close(stack.baseline[0], model.baseline)
+        g_model = torch.autograd.grad(loss, model.scorer.weight)[0][0]
+        g_stack = torch.autograd.grad(s_loss, stack.scorer_weight)[0][0]
+        torch.testing.assert_close(g_stack, g_model)
+    torch.testing.assert_close(stack(x)[0][0], model(x)[0])
+
+
+def test_stacked_selectors_give_each_copy_its_own_gradient():
+    models = []
+    for seed in range(3):
+        torch.manual_seed(seed)
+        models.append(MarkerSelector(9, 8, "soft").double())
+    stack = StackedMarkerSelectors(models)
+    x, y = marked_item_task(3 * 10, 6, generator=torch.Generator().manual_seed(0))
+    x, y = x.double().view(3, 10, 6, 9), y.view(3, 10)
+    loss, _ = stack.loss(x, y)
+    loss.backward()
+    for m, model in enumerate(models):
+        model.loss(x[m], y[m])[0].backward()
+        torch.testing.assert_close(stack.scorer_weight.grad[m], model.scorer.weight.grad[0])
+        torch.testing.assert_close(stack.classifier_weight.grad[m], model.classifier.weight.grad)
+        assert all(torch.equal(a, b) for a, b in zip(stack.unstack(m).state_dict().values(),
+                                                      model.state_dict().values()))
+
+
+@pytest.mark.parametrize("mode", ["soft", "reinforce", "gumbel"])
+def test_gradient_draws_leave_the_model_unchanged(mode):
+    torch.manual_seed(0)
+    model = MarkerSelector(9, 8, mode).double()
+    model.baseline.fill_(0.7)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    x, y = marked_item_task(8, 6, generator=torch.Generator().manual_seed(1))
+    draws = scorer_gradient_draws(model, x.double(), y, 5, generator=torch.Generator().manual_seed(2))
+    assert draws.shape == (5, 9)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert model.scorer.weight.grad is None
+    if mode == "soft":                                          # no sampling: every draw is the gradient
+        (want,) = torch.autograd.grad(model.loss(x.double(), y)[0], model.scorer.weight)
+        torch.testing.assert_close(draws, want.expand(5, -1))
+    else:
+        assert not torch.allclose(draws[0], draws[1])
+
+
+def test_relative_position_bias_is_a_bias_per_offset():
+    torch.manual_seed(0)
+    layer = LocalAttentionTagger(5, 3, window=2, relative_positions=True).double()
+    with torch.no_grad():
+        layer.offset_bias.copy_(torch.randn(5))
+    x = torch.randn(2, 7, 5, dtype=torch.float64)
+    _, w = layer(x)
+    scores = layer.q(x) @ layer.k(x).transpose(-2, -1) / 4.0
+    for i in range(7):
+        for j in range(7):
+            if abs(i - j) <= 2:
+                scores[:, i, j] += layer.offset_bias[j - i + 2]
+    band = (torch.arange(7)[:, None] - torch.arange(7)[None, :]).abs() <= 2
+    torch.testing.assert_close(w, torch.softmax(scores.masked_fill(~band, float("-inf")), -1))
+
+
+def test_dynamic_convolution_against_a_loop():
+    torch.manual_seed(0)
+    layer = DynamicConvTagger(6, 3, window=2, hidden=8, heads=2).double()
+    x = torch.randn(2, 9, 6, dtype=torch.float64)
+    logits, kernels = layer(x)
+    assert kernels.shape == (2, 9, 2, 5)
+    torch.testing.assert_close(kernels.sum(-1), torch.ones(2, 9, 2, dtype=torch.float64))
+    a, b = layer.inp(x).chunk(2, -1)
+    v = a * torch.sigmoid(b)                                            # GLU
+    ref = torch.zeros(2, 9, 8, dtype=torch.float64)
+    for i in range(9):
+        k = torch.softmax(layer.kernel(v[:, i]).view(2, 2, 5), -1)      # from position i only
+        for o in range(-2, 3):
+            if 0 <= i + o < 9:
+                for h in range(2):
+                    ref[:, i, 4 * h:4 * h + 4] += k[:, h, o + 2, None] * v[:, i + o, 4 * h:4 * h + 4]
+    torch.testing.assert_close(logits, layer.out(ref))
+    assert int(receptive_field(lambda t: layer(t)[0], 20, 6, 10).sum()) == 5
+
+
+def test_shifted_copy_task():
+    x, y = shifted_copy_task(4, 10, 3, 5, generator=torch.Generator().manual_seed(0))
+    assert x.shape == (4, 10, 5) and torch.all(y[:, :3] == -100)
+    assert torch.equal(y[:, 3:], x.argmax(-1)[:, :7])
+
+
+def test_fit_seeds_equals_separate_trainings():
+    torch.manual_seed(0)
+    data = [copy_after_marker_task(2 * 8, 12, 2, generator=torch.Generator().manual_seed(s)) for s in range(5)]
+
+    def batch(step):
+        x, y = data[step - 1]
+        return x.view(2, 8, 12, -1), y.view(2, 8, 12)
+
+    models = fit_seeds(lambda: LocalAttentionTagger(10, 8, 2), [3, 4], batch, loss_fn=sequence_cross_entropy,
+                       steps=5, lr=1e-2)
+    for m, seed in enumerate([3, 4]):
+        torch.manual_seed(seed)
+        ref = LocalAttentionTagger(10, 8, 2)
+        opt = torch.optim.Adam(ref.parameters(), lr=1e-2)
+        for x, y in data:
+            loss = sequence_cross_entropy(ref(x.view(2, 8, 12, -1)[m])[0], y.view(2, 8, 12)[m])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        for a, b in zip(models[m].parameters(), ref.parameters()):
+            torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
