@@ -237,3 +237,71 @@ def test_two_relation_task_targets():
                 assert int(targets[b, i]) == (int(ids[b, i - 1]) % 10) * 10 + marked
             else:
                 assert int(targets[b, i]) == -100
+
+
+def _classifiers(n, H=4, seed=0):
+    from attn_course.multihead import AttentionClassifier
+
+    torch.manual_seed(seed)
+    models = [AttentionClassifier(20, 16, 12, H, 30).double() for _ in range(n)]
+    with torch.no_grad():  # biases start at zero: make them matter
+        for m in models:
+            for p in m.parameters():
+                if p.ndim == 1:
+                    p.normal_()
+    return models
+
+
+@pytest.mark.parametrize("H", [1, 3, 4])
+def test_parallel_classifiers_equal_each_model(H):
+    from attn_course.multihead import ParallelAttentionClassifiers
+
+    models = _classifiers(3, H)
+    stack = ParallelAttentionClassifiers.from_models(models)
+    ids = torch.randint(0, 20, (3, 5, 16))
+    head_mask = torch.rand(3, H, dtype=torch.float64)
+    logits, w = stack(ids, head_mask)
+    fused, none = stack(ids, head_mask, need_weights=False)
+    assert none is None and logits.shape == (3, 5, 16, 30) and w.shape == (3, 5, H, 16, 16)
+    torch.testing.assert_close(fused, logits)
+    shared, _ = stack(ids[0])  # one (B, L) batch for every copy
+    for m, model in enumerate(models):
+        ref, ref_w = model(ids[m], head_mask=head_mask[m])
+        torch.testing.assert_close(logits[m], ref)
+        torch.testing.assert_close(w[m], ref_w)
+        torch.testing.assert_close(shared[m], model(ids[0])[0])
+        torch.testing.assert_close(stack.model(m)(ids[m])[0], model(ids[m])[0])
+
+
+def test_parallel_classifiers_summed_loss_gives_each_model_its_own_gradient():
+    from attn_course.multihead import ParallelAttentionClassifiers
+
+    models = _classifiers(2)
+    stack = ParallelAttentionClassifiers.from_models(models)
+    ids, targets = torch.randint(0, 20, (2, 4, 16)), torch.randint(0, 30, (2, 4, 16))
+    logits, _ = stack(ids, need_weights=False)
+    sum(nn.functional.cross_entropy(logits[m].flatten(0, 1), targets[m].flatten()) for m in range(2)).backward()
+    for m, model in enumerate(models):
+        nn.functional.cross_entropy(model(ids[m])[0].flatten(0, 1), targets[m].flatten()).backward()
+        torch.testing.assert_close(stack.params["attention_q_proj_weight"].grad[m],
+                                   model.attention.q_proj.weight.grad)
+        torch.testing.assert_close(stack.params["tokens_weight"].grad[m], model.tokens.weight.grad)
+
+
+def test_parallel_classifiers_refuse_bad_input():
+    from attn_course.multihead import AttentionClassifier, ParallelAttentionClassifiers
+
+    stack = ParallelAttentionClassifiers.from_models(_classifiers(2))
+    with pytest.raises(TypeError, match="int64"):
+        stack(torch.zeros(3, 4, 16, dtype=torch.long))  # 3 copies of ids for 2 models
+    with pytest.raises(ValueError, match="knows|know 16"):
+        stack(torch.zeros(2, 4, 17, dtype=torch.long))
+    with pytest.raises(ValueError, match="head_mask"):
+        stack(torch.zeros(2, 4, 16, dtype=torch.long), torch.ones(3, dtype=torch.float64))
+    with pytest.raises(ValueError, match="one shape"):
+        ParallelAttentionClassifiers.from_models([AttentionClassifier(20, 16, 12, 4, 30),
+                                                  AttentionClassifier(20, 16, 12, 2, 30)])
+    with pytest.raises(TypeError, match="AttentionClassifier"):
+        ParallelAttentionClassifiers.from_models([nn.Linear(2, 2)])
+    with pytest.raises(ValueError, match="m must be"):
+        stack.model(2)
