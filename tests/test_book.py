@@ -152,3 +152,29 @@ def test_notebook_json_is_clean(chapter):
     raw = json.loads(path.read_text())
     assert "widgets" not in raw["metadata"]
     assert "0x7f" not in path.read_text(), "memory addresses in outputs"
+
+
+GLUE_REF = re.compile(r"\{glue(?::text|:md|)?\}`([\w.-]+)(?::[^`]*)?`")
+
+
+def _glued_keys(nb):
+    """The names a notebook's stored outputs glue (myst-nb's scrapbook records)."""
+    return {o.metadata["scrapbook"]["name"] for c in nb.cells if c.cell_type == "code"
+            for o in c.get("outputs", []) if "scrapbook" in o.get("metadata", {})}
+
+
+def test_results_in_prose_are_glued_from_the_outputs(chapter):
+    # COURSE_GUIDE / issue 13: every chapter states its findings through glue, at least three of them,
+    # and every reference in the prose resolves to a value its own stored outputs hold
+    path, nb = chapter
+    md = "\n".join(_sources(nb, "markdown"))
+    referenced = set(GLUE_REF.findall(md))
+    glued = _glued_keys(nb)
+    assert len(referenced) >= 3, f"{path.name}: {len(referenced)} glued results in the prose"
+    assert referenced <= glued, f"{path.name}: referenced but never glued: {sorted(referenced - glued)}"
+
+
+def test_glue_references_are_read_by_the_pattern():
+    nb = nbformat.v4.new_notebook(cells=[nbformat.v4.new_markdown_cell(
+        "a {glue:text}`speedup:.2f` and {glue}`table` and {glue:text}`plain`")])
+    assert set(GLUE_REF.findall(nb.cells[0].source)) == {"speedup", "table", "plain"}
