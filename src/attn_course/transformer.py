@@ -212,8 +212,8 @@ class SeedStack(nn.Module):
     (e.g. its own seed), evaluated and trained as one model.
 
     The copies' parameters are stacked along a leading model axis
-    (:func:`torch.func.stack_module_state`) and the forward pass is mapped over that axis
-    with :func:`torch.func.vmap`. Summing the ``M`` losses gives each copy exactly the
+    (``torch.func.stack_module_state``) and the forward pass is mapped over that axis
+    with ``torch.func.vmap``. Summing the ``M`` losses gives each copy exactly the
     gradient it would get alone, and Adam acts element by element, so training the stack
     trains ``M`` independent models. Any configuration works (no residuals, no norm, no
     positions, uniform attention), which :class:`attn_course.modern.ParallelTransformers`
