@@ -86,3 +86,29 @@ def test_seconds_times_a_call():
     from attn_course.bench import seconds
 
     assert 0.004 < seconds(lambda: time.sleep(0.005), min_run_time=0.05) < 0.1
+
+
+def test_fit_stacked_equals_separate_trainings_with_the_same_batches():
+    from attn_course.train import fit_stacked, fit_stream
+
+    def make(seed):
+        torch.manual_seed(seed)
+        return torch.nn.Sequential(torch.nn.Linear(3, 8), torch.nn.Tanh(), torch.nn.Linear(8, 2)).double()
+
+    g = torch.Generator().manual_seed(0)
+    xs, ys = torch.randn(5, 2, 16, 3, generator=g, dtype=torch.float64), torch.randn(5, 2, 16, 2, generator=g,
+                                                                                       dtype=torch.float64)
+    stacked = [make(1), make(2)]
+    losses = fit_stacked(stacked, lambda step: (xs[step - 1], ys[step - 1]), steps=5, lr=0.05)
+    assert losses.shape == (5, 2)
+    for m in range(2):
+        alone = make(m + 1)
+        history = fit_stream(alone, lambda step: (xs[step - 1, m], ys[step - 1, m]), steps=5, lr=0.05)
+        torch.testing.assert_close(losses[:, m], torch.tensor(history.losses, dtype=torch.float32))
+        for a, b in zip(alone.parameters(), stacked[m].parameters()):
+            torch.testing.assert_close(a, b)
+    assert not stacked[0].training
+    with pytest.raises(ValueError, match="leading axis of 2"):
+        fit_stacked(stacked, lambda step: (xs[0, 0], ys[0, 0]), steps=1)
+    with pytest.raises(ValueError, match="same parameter names and shapes"):
+        fit_stacked([make(1), torch.nn.Linear(3, 2)], lambda step: (xs[0], ys[0]), steps=1)

@@ -20,7 +20,7 @@ from torch import nn
 from . import _checks
 from .basics import masked_softmax
 from .multihead import merge_heads, split_heads
-from .widgets import is_static
+from .train import fit_stacked
 
 __all__ = [
     "sinusoidal_encoding",
@@ -296,9 +296,6 @@ def fit_parallel(models, inputs, targets, *, loss_fn=None, steps: int = 300,
     to ``0 .. M-1``, ``loss_fn`` to mean squared error. The trained weights are written back into ``models``, which are left in eval mode.
     Returns the losses, ``(steps, M)``.
     """
-    from torch.func import functional_call, stack_module_state, vmap
-    from tqdm.auto import trange
-
     models = list(models)
     if not models or not all(isinstance(m, nn.Module) for m in models):
         raise TypeError("models must be a non-empty sequence of nn.Module")
@@ -330,32 +327,12 @@ def fit_parallel(models, inputs, targets, *, loss_fn=None, steps: int = 300,
     n = inputs_m.shape[1]
     loss_fn = loss_fn or nn.functional.mse_loss
 
-    params, buffers = stack_module_state(models)            # each (M, ...)
-    template = models[0]
-
-    def predict(p, b, x):
-        out = functional_call(template, (p, b), (x,))
-        return out[0] if isinstance(out, tuple) else out
-
-    batched = vmap(predict)
     gens = [torch.Generator(device="cpu").manual_seed(s) for s in seeds]
-    opt = torch.optim.Adam(params.values(), lr=lr)
     rows = torch.arange(M, device=targets_m.device)[:, None]
-    losses = torch.empty(steps, M)
-    for m in models:
-        m.train()
-    for step in trange(steps, desc=desc, disable=is_static(), leave=False):
+
+    def next_batch(step):                                   # each model's own mini-batch, as fit draws it
         idx = torch.stack([torch.randint(0, n, (min(batch_size, n),), generator=g) for g in gens])
         idx = idx.to(targets_m.device)
-        pred = batched(params, buffers, inputs_m[rows, idx])  # (M, B, ...)
-        y = targets_m[rows, idx]
-        each = torch.stack([loss_fn(pred[m], y[m]) for m in range(M)])
-        opt.zero_grad()
-        each.sum().backward()                                 # copy m's gradient is its own loss's
-        opt.step()
-        losses[step] = each.detach().cpu()
-    with torch.no_grad():
-        for i, m in enumerate(models):
-            m.load_state_dict({k: v[i] for k, v in {**params, **buffers}.items()})
-            m.eval()
-    return losses
+        return inputs_m[rows, idx], targets_m[rows, idx]
+
+    return fit_stacked(models, next_batch, loss_fn=loss_fn, steps=steps, lr=lr, desc=desc)

@@ -11,7 +11,7 @@ from torch import nn
 from . import _checks
 from .widgets import is_static
 
-__all__ = ["fit", "fit_stream", "History", "sequence_cross_entropy", "masked_accuracy", "IGNORE"]
+__all__ = ["fit", "fit_stream", "fit_stacked", "History", "sequence_cross_entropy", "masked_accuracy", "IGNORE"]
 
 IGNORE = -100  # target value of positions that do not count (as in torch's cross_entropy)
 
@@ -105,3 +105,60 @@ def fit_stream(model: nn.Module, next_batch: Callable[[int], tuple], *,
             evaluate(step)
     model.eval()
     return history
+
+
+def fit_stacked(models, next_batch: Callable[[int], tuple[torch.Tensor, torch.Tensor]], *,
+                loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
+                steps: int = 300, lr: float = 1e-2, desc: str = "training") -> torch.Tensor:
+    """Train ``M`` models of one architecture at once with Adam; return the losses ``(steps, M)``.
+
+    The weights are stacked along a leading model axis (``torch.func.stack_module_state``)
+    and the forward pass is ``vmap``-ped over it; ``next_batch(step) -> (x (M, B, ...),
+    y (M, B, ...))`` (``step`` from 1) gives each model its own batch. The loss is the sum
+    of the ``M`` losses, so each copy gets exactly its own gradient, and Adam works element
+    by element: this equals ``M`` separate trainings, at about the Python cost of one (which
+    dominates for small models). ``model(x)`` may return a tensor or a tuple whose first
+    item is the prediction; ``loss_fn`` defaults to mean squared error. The trained weights
+    are written back into ``models``, which are left in eval mode.
+    """
+    from torch.func import functional_call, stack_module_state, vmap
+    from tqdm.auto import trange
+
+    models = list(models)
+    if not models or not all(isinstance(m, nn.Module) for m in models):
+        raise TypeError("models must be a non-empty sequence of nn.Module")
+    names = [tuple((k, v.shape) for k, v in m.state_dict().items()) for m in models]
+    if any(n != names[0] for n in names[1:]):
+        raise ValueError("every model must have the same parameter names and shapes")
+    steps = _checks.positive_number("steps", steps, integer=True)
+    lr = _checks.positive_number("lr", lr)
+    loss_fn = loss_fn or nn.functional.mse_loss
+    M = len(models)
+    params, buffers = stack_module_state(models)            # each (M, ...)
+    template = models[0]
+
+    def predict(p, b, x):
+        out = functional_call(template, (p, b), (x,))
+        return out[0] if isinstance(out, tuple) else out
+
+    batched = vmap(predict)
+    opt = torch.optim.Adam(params.values(), lr=lr)
+    losses = torch.empty(steps, M)
+    for m in models:
+        m.train()
+    for step in trange(1, steps + 1, desc=desc, disable=is_static(), leave=False):
+        x, y = next_batch(step)
+        if x.shape[0] != M or y.shape[0] != M:
+            raise ValueError(f"next_batch must give x and y with a leading axis of {M} (one per model), "
+                             f"got {tuple(x.shape)} and {tuple(y.shape)}")
+        pred = batched(params, buffers, x)                   # (M, B, ...)
+        each = torch.stack([loss_fn(pred[m], y[m]) for m in range(M)])
+        opt.zero_grad()
+        each.sum().backward()                                 # copy m's gradient is its own loss's
+        opt.step()
+        losses[step - 1] = each.detach().cpu()
+    with torch.no_grad():
+        for i, m in enumerate(models):
+            m.load_state_dict({k: v[i] for k, v in {**params, **buffers}.items()})
+            m.eval()
+    return losses

@@ -15,7 +15,6 @@ Several seeds of a model train together as one stacked model (:func:`fit_seeds`,
 
 from __future__ import annotations
 
-import copy
 import math
 from collections.abc import Callable, Sequence
 
@@ -449,43 +448,15 @@ def fit_seeds(make_model: Callable[[], nn.Module], seeds: Sequence[int],
     at a fraction of the time. ``model(x)`` may return a tensor or a tuple whose first item
     is the prediction. The trained weights are written back into the returned models.
     """
-    from torch.func import functional_call, stack_module_state, vmap
-    from tqdm.auto import trange
+    from .train import fit_stacked
 
-    from .widgets import is_static
-
-    steps = _checks.positive_number("steps", steps, integer=True)
-    lr = _checks.positive_number("lr", lr)
     models = []
     for seed in seeds:
         torch.manual_seed(seed)
         models.append(make_model())
     if not models:
         raise ValueError("seeds must hold at least one seed")
-    params, buffers = stack_module_state(models)
-    params = {k: v.detach().clone().requires_grad_(True) for k, v in params.items()}
-    skeleton = copy.deepcopy(models[0]).to("meta")
-
-    def predict(p, b, x):
-        out = functional_call(skeleton, (p, b), (x,))
-        return out[0] if isinstance(out, tuple) else out
-
-    opt = torch.optim.Adam(list(params.values()), lr=lr)
-    batched = vmap(predict)
-    for step in trange(1, steps + 1, desc=desc, disable=is_static(), leave=False):
-        x, y = next_batch(step)
-        if x.shape[0] != len(models) or y.shape[0] != len(models):
-            raise ValueError(f"next_batch must give x and y with a leading axis of {len(models)} (one per "
-                             f"seed), got {tuple(x.shape)} and {tuple(y.shape)}")
-        pred = batched(params, buffers, x)
-        loss = sum(loss_fn(pred[m], y[m]) for m in range(len(models)))
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    with torch.no_grad():
-        for m, model in enumerate(models):
-            for name, value in params.items():
-                model.get_parameter(name).copy_(value[m])
+    fit_stacked(models, next_batch, loss_fn=loss_fn, steps=steps, lr=lr, desc=desc)
     return models
 
 
