@@ -103,7 +103,7 @@ def test_fit_stacked_equals_separate_trainings_with_the_same_batches():
     assert losses.shape == (5, 2)
     for m in range(2):
         alone = make(m + 1)
-        history = fit_stream(alone, lambda step: (xs[step - 1, m], ys[step - 1, m]), steps=5, lr=0.05)
+        history = fit_stream(alone, lambda step, m=m: (xs[step - 1, m], ys[step - 1, m]), steps=5, lr=0.05)
         torch.testing.assert_close(losses[:, m], torch.tensor(history.losses, dtype=torch.float32))
         for a, b in zip(alone.parameters(), stacked[m].parameters()):
             torch.testing.assert_close(a, b)
