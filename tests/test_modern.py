@@ -14,7 +14,6 @@ from hypothesis import strategies as st
 
 from attn_course import modern
 from attn_course.exercises import check, solution
-from attn_course.transformer import TinyTransformer, pattern_mask
 
 seeds = st.integers(0, 2**31 - 1)
 F64 = torch.float64
@@ -495,53 +494,6 @@ def test_sparse_selected_attention_details():
         modern.indexer_topk(torch.randn(5, 3), 2)
     with pytest.raises(ValueError, match="k"):
         modern.indexer_topk(torch.randn(5, 5), 0)
-
-
-# --- many transformers at once ---------------------------------------------------------------------
-
-def test_parallel_transformers_equal_each_tiny_transformer():
-    kinds = [("window", "global"), ("window", "window"), ("global", "global")]
-    models = []
-    for seed in range(3):
-        torch.manual_seed(seed)
-        models.append(TinyTransformer(11, 16, 2, 2, window=3).double())
-    stacked = modern.ParallelTransformers.from_models(models)
-    L = 9
-    ids = torch.randint(0, 11, (3, 4, L))
-    masks = torch.stack([torch.stack([pattern_mask(kd, L, 3) for kd in ks]) for ks in kinds])
-    out = stacked(ids, masks)
-    for i, (model, ks) in enumerate(zip(models, kinds)):
-        for block, kind in zip(model.blocks, ks):
-            block.attn.kind = kind
-        close(out[i], model(ids[i])[0])
-    # training the stack and writing back: each copy gets exactly its own weights
-    with torch.no_grad():
-        stacked.embed.add_(1.0)
-    stacked.write_back(models)
-    close(models[1].embed.weight, stacked.embed[1])
-    close(stacked(ids, masks)[1], models[1](ids[1])[0])
-
-
-def test_parallel_transformers_bad_input():
-    torch.manual_seed(0)
-    models = [TinyTransformer(11, 16, 2, 2) for _ in range(2)]
-    stacked = modern.ParallelTransformers.from_models(models)
-    ids = torch.zeros(2, 1, 5, dtype=torch.long)
-    masks = torch.ones(2, 2, 5, 5, dtype=torch.bool)
-    with pytest.raises(TypeError, match="ids"):
-        stacked(ids[0], masks)
-    with pytest.raises(ValueError, match="ids"):
-        stacked(ids + 11, masks)
-    with pytest.raises(ValueError, match="masks"):
-        stacked(ids, masks[:, :1])
-    with pytest.raises(TypeError, match="models"):
-        stacked.write_back(models[:1])
-    with pytest.raises(ValueError, match="TinyTransformer"):
-        modern.ParallelTransformers.from_models([TinyTransformer(11, 16, 2, 2), TinyTransformer(11, 16, 2, 3)])
-    with pytest.raises(ValueError, match="at least one"):
-        modern.ParallelTransformers.from_models([])
-    with pytest.raises(ValueError, match="head width"):
-        modern.ParallelTransformers(1, 5, 6, 2, 1)
 
 
 # --- chapter 8's exercises: each mistake is rejected, with the hint that names it -------------------

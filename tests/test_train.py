@@ -3,7 +3,7 @@ import torch
 
 from attn_course import basics
 from attn_course.data import marker_task
-from attn_course.train import fit
+from attn_course.train import StackedModels, fit
 
 
 def test_fit_learns_the_marker_task_with_attention():
@@ -112,3 +112,35 @@ def test_fit_stacked_equals_separate_trainings_with_the_same_batches():
         fit_stacked(stacked, lambda step: (xs[0, 0], ys[0, 0]), steps=1)
     with pytest.raises(ValueError, match="same parameter names and shapes"):
         fit_stacked([make(1), torch.nn.Linear(3, 2)], lambda step: (xs[0], ys[0]), steps=1)
+
+
+def test_stacked_models_map_each_model_over_its_own_inputs():
+    def make(seed):
+        torch.manual_seed(seed)
+        net = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.BatchNorm1d(4), torch.nn.Tanh()).double()
+        net[1].running_mean.normal_()                            # a buffer that differs per model
+        return net.eval()
+
+    models = [make(0), make(1), make(2)]
+    stack = StackedModels(models).eval()
+    stack._template[0].eval()
+    x = torch.randn(3, 5, 3, dtype=torch.float64)
+    out = stack(x)
+    for m, model in enumerate(models):
+        torch.testing.assert_close(out[m], model(x[m]))
+    out.sum().backward()                                         # each copy's gradient is its own model's
+    models[1](x[1]).sum().backward()
+    torch.testing.assert_close(stack.stacked[0].grad[1], models[1][0].weight.grad)
+    with torch.no_grad():
+        stack.stacked[0].mul_(2.0)
+    stack.write_back(models)
+    torch.testing.assert_close(models[2][0].weight, stack.stacked[0][2])
+    torch.testing.assert_close(stack(x)[2], models[2](x[2]))
+    with pytest.raises(TypeError, match="models"):
+        StackedModels(models[0])
+    with pytest.raises(TypeError, match="models"):
+        StackedModels([])
+    with pytest.raises(ValueError, match="same parameter"):
+        StackedModels([torch.nn.Linear(2, 3), torch.nn.Linear(3, 3)])
+    with pytest.raises(TypeError, match="3 model"):
+        stack.write_back(models[:2])

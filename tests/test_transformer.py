@@ -10,6 +10,7 @@ from attn_course.interpret import (
     permute_weights,
     uniform_weights,
 )
+from attn_course.multihead import KVCache, merge_heads, split_heads
 from attn_course.transformer import (
     ATTENTION_KINDS,
     Block,
@@ -258,3 +259,58 @@ def test_seed_stack_bad_input():
         stack(torch.zeros(3, 2, 5, dtype=torch.long))
     with pytest.raises(ValueError, match="ids"):
         stack(torch.full((2, 1, 5), 11))
+
+
+def test_seed_stack_with_masks_equals_each_model_with_that_pattern():
+    kinds = [("window", "global"), ("window", "window"), ("global", "dilated"), ("global", "global")]
+    models = []
+    for seed in range(4):
+        torch.manual_seed(seed)
+        models.append(TinyTransformer(11, 16, 2, 2, window=3).double())
+    stack = SeedStack(models)
+    L = 9
+    ids = torch.randint(0, 11, (4, 4, L))
+    masks = torch.stack([torch.stack([pattern_mask(kd, L, 3) for kd in ks]) for ks in kinds])
+    out = stack(ids, masks)
+    for i, (model, ks) in enumerate(zip(models, kinds)):
+        for block, kind in zip(model.blocks, ks):  # the reference: each model built with that pattern per layer
+            block.attn.kind = kind
+        torch.testing.assert_close(out[i], model(ids[i])[0])
+        torch.testing.assert_close(model(ids[i], attn_masks=masks[i])[0], out[i])
+
+
+def test_uniform_kind_with_a_mask_averages_over_the_mask():
+    torch.manual_seed(0)
+    model = TinyTransformer(11, 16, 2, 1, kind="uniform").double()
+    ids = torch.randint(0, 11, (2, 6))
+    window = pattern_mask("window", 6, 2)[None]
+    x = model.embed(ids)
+    attn = model.blocks[0].attn
+    q, k, v = (split_heads(t, 2) for t in attn.qkv(model.blocks[0].norm1(x)).chunk(3, dim=-1))
+    w = window[0].double() / window[0].sum(-1, keepdim=True)
+    expected = attn.proj(merge_heads(w @ v))
+    out, _ = attn(model.blocks[0].norm1(x), attn_mask=window[0])
+    torch.testing.assert_close(out, expected)
+    # the explicit path (need_weights) agrees and reports those weights
+    out2, weights = attn(model.blocks[0].norm1(x), attn_mask=window[0], need_weights=True)
+    torch.testing.assert_close(out2, expected)
+    torch.testing.assert_close(weights, w.expand(2, 2, 6, 6))
+
+
+def test_attention_masks_bad_input():
+    model = TinyTransformer(11, 16, 2, 2)
+    ids = torch.zeros(1, 5, dtype=torch.long)
+    with pytest.raises(ValueError, match="attn_masks"):
+        model(ids, attn_masks=torch.ones(1, 5, 5, dtype=torch.bool))
+    with pytest.raises(ValueError, match="attn_masks"):
+        model(ids, attn_masks=torch.ones(2, 5, 5))
+    attn = model.blocks[0].attn
+    with pytest.raises(ValueError, match="attn_mask"):
+        attn(torch.zeros(1, 5, 16), attn_mask=torch.ones(4, 4, dtype=torch.bool))
+    with pytest.raises(ValueError, match="cache"):
+        attn(torch.zeros(1, 5, 16), attn_mask=torch.ones(5, 5, dtype=torch.bool), cache=KVCache())
+    stack = SeedStack([model, TinyTransformer(11, 16, 2, 2)])
+    with pytest.raises(ValueError, match="masks"):
+        stack(torch.zeros(2, 1, 5, dtype=torch.long), torch.ones(2, 1, 5, 5, dtype=torch.bool))
+    with pytest.raises(TypeError, match="TinyTransformer"):
+        stack.write_back([model, torch.nn.Linear(2, 2)])

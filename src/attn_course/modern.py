@@ -10,9 +10,6 @@
   :func:`sparse_selected_attention`: learned sparse selection (DeepSeek-V3.2's indexer).
 - :func:`linear_attention` (Katharopoulos et al., 2020) and :func:`gated_delta_rule`
   (Yang et al., 2024): attention with a fixed-size state instead of a growing cache.
-- :class:`ParallelTransformers`: several copies of the capstone's
-  :class:`~attn_course.transformer.TinyTransformer`, each with its own weights and its own
-  per-layer attention pattern, run (and trained) as one batched model.
 
 Every function keeps the dtype and the device of its inputs; float16 and bfloat16 inputs are
 computed in float32 inside and cast back.
@@ -21,7 +18,7 @@ computed in float32 inside and cast back.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -47,7 +44,6 @@ __all__ = [
     "indexer_topk",
     "indexer_topk_mask",
     "sparse_selected_attention",
-    "ParallelTransformers",
 ]
 
 
@@ -755,122 +751,3 @@ def sparse_selected_attention(query: torch.Tensor, key: torch.Tensor, value: tor
 
 
 # --- many small transformers at once --------------------------------------------------------------
-
-class ParallelTransformers(nn.Module):
-    """``M`` copies of :class:`~attn_course.transformer.TinyTransformer`, each with its own weights
-    and its own attention pattern per layer, evaluated as one batched model.
-
-    Stacking the weights along a leading model axis turns ``M`` small trainings into one
-    (summing the ``M`` losses gives each copy exactly its own gradient, and Adam works
-    element by element), which is how the chapter trains several seeds and several
-    local/global patterns within seconds. Build it with :meth:`from_models` and copy the
-    trained weights back with :meth:`write_back`.
-
-    ``forward(ids (M, B, L), masks (M, num_layers, L, L) bool) -> logits (M, B, L, vocab)``:
-    ``masks[m, l]`` is layer ``l``'s causal pattern for copy ``m`` (``True`` = may attend),
-    e.g. :func:`attn_course.transformer.pattern_mask` of ``"global"`` or ``"window"``.
-    """
-
-    _NAMES = ("norm1.weight", "norm1.bias", "attn.qkv.weight", "attn.qkv.bias", "attn.proj.weight",
-              "attn.proj.bias", "norm2.weight", "norm2.bias", "mlp.0.weight", "mlp.0.bias", "mlp.2.weight",
-              "mlp.2.bias")
-
-    def __init__(self, num_models: int, vocab_size: int, embed_dim: int, num_heads: int, num_layers: int):
-        super().__init__()
-        M = _checks.positive_number("num_models", num_models, integer=True)
-        V = _checks.positive_number("vocab_size", vocab_size, integer=True)
-        E = _checks.positive_number("embed_dim", embed_dim, integer=True)
-        H = _checks.positive_number("num_heads", num_heads, integer=True)
-        n = _checks.positive_number("num_layers", num_layers, integer=True)
-        if E % H or (E // H) % 2:
-            raise ValueError(f"embed_dim={E} / num_heads={H} must be an even head width (rotary pairs)")
-        self.num_models, self.num_heads, self.num_layers = M, H, n
-        self.embed = nn.Parameter(torch.zeros(M, V, E))
-        self.layers = nn.ModuleList(nn.ParameterDict({
-            name.replace(".", "_"): nn.Parameter(torch.zeros(M, *shape)) for name, shape in zip(self._NAMES, (
-                (E,), (E,), (3 * E, E), (3 * E,), (E, E), (E,), (E,), (E,), (4 * E, E), (4 * E,), (E, 4 * E), (E,)))
-        }) for _ in range(n))
-        self.norm_weight, self.norm_bias = nn.Parameter(torch.ones(M, E)), nn.Parameter(torch.zeros(M, E))
-        self.head_weight, self.head_bias = nn.Parameter(torch.zeros(M, V, E)), nn.Parameter(torch.zeros(M, V))
-
-    def _pairs(self, models):
-        for m, model in enumerate(models):
-            yield m, "embed", model.embed.weight, self.embed
-            for layer, block in zip(self.layers, model.blocks):
-                for name in self._NAMES:
-                    yield m, name, block.get_parameter(name), layer[name.replace(".", "_")]
-            yield m, "norm.weight", model.norm.weight, self.norm_weight
-            yield m, "norm.bias", model.norm.bias, self.norm_bias
-            yield m, "head.weight", model.head.weight, self.head_weight
-            yield m, "head.bias", model.head.bias, self.head_bias
-
-    def _check_models(self, models):
-        from .transformer import TinyTransformer
-
-        models = list(models)
-        if len(models) != self.num_models or not all(isinstance(m, TinyTransformer) for m in models):
-            raise TypeError(f"models must be {self.num_models} TinyTransformer(s), got "
-                            f"{[type(m).__name__ for m in models]}")
-        for m in models:
-            if (len(m.blocks) != self.num_layers or m.blocks[0].attn.num_heads != self.num_heads
-                    or m.embed.weight.shape != self.embed.shape[1:]
-                    or not isinstance(m.norm, nn.LayerNorm) or not m.blocks[0].residual
-                    or m.blocks[0].mlp[0].out_features != 4 * self.embed.shape[2]):
-                raise ValueError("every model must be a TinyTransformer with residuals, layer norms, "
-                                 "mlp_ratio=4 and this module's vocabulary, width, heads and layers")
-        return models
-
-    @classmethod
-    def from_models(cls, models: Sequence[nn.Module]) -> ParallelTransformers:
-        """Stack the weights of TinyTransformers of one shape (residuals, norms, ``mlp_ratio=4``)."""
-        models = list(models)
-        if not models:
-            raise ValueError("models must hold at least one TinyTransformer")
-        first = models[0]
-        new = cls(len(models), first.embed.num_embeddings, first.embed.embedding_dim,
-                  first.blocks[0].attn.num_heads, len(first.blocks))
-        models = new._check_models(models)
-        new = new.to(device=first.embed.weight.device, dtype=first.embed.weight.dtype)
-        with torch.no_grad():
-            for m, _, src, dst in new._pairs(models):
-                dst[m].copy_(src)
-        return new
-
-    @torch.no_grad()
-    def write_back(self, models: Sequence[nn.Module]) -> None:
-        """Copy the (trained) weights of copy ``m`` into ``models[m]``."""
-        for m, _, dst, src in self._pairs(self._check_models(models)):
-            dst.copy_(src[m])
-
-    def forward(self, ids: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
-        """Logits ``(M, B, L, vocab)`` of every copy: copy ``m`` reads ``ids[m] (B, L)`` with the
-        per-layer masks ``masks[m] (num_layers, L, L)``."""
-        M, V, E = self.embed.shape
-        if not isinstance(ids, torch.Tensor) or ids.dtype != torch.long or ids.ndim != 3 or ids.shape[0] != M:
-            raise TypeError(f"ids must be an int64 tensor (M={M}, B, L), got "
-                            f"{getattr(ids, 'dtype', type(ids).__name__)} of shape {tuple(getattr(ids, 'shape', ()))}")
-        if ids.numel() and (ids.min() < 0 or ids.max() >= V):
-            raise ValueError(f"ids holds ids outside [0, {V}): min {int(ids.min())}, max {int(ids.max())}")
-        L, n, H = ids.shape[2], self.num_layers, self.num_heads
-        if (not isinstance(masks, torch.Tensor) or masks.dtype != torch.bool
-                or masks.shape != (M, n, L, L)):
-            raise ValueError(f"masks must be a bool tensor (M, num_layers, L, L) = {(M, n, L, L)}, got "
-                             f"{getattr(masks, 'dtype', type(masks).__name__)} {tuple(getattr(masks, 'shape', ()))}")
-        x = self.embed[torch.arange(M, device=ids.device)[:, None, None], ids]            # (M, B, L, E)
-        positions = torch.arange(L, device=ids.device)
-
-        def norm(t, w, b):
-            return F.layer_norm(t, (E,)) * w[:, None, None] + b[:, None, None]
-
-        def linear(t, w, b):
-            return torch.einsum("mble,mfe->mblf", t, w) + b[:, None, None]
-
-        for i, p in enumerate(self.layers):
-            h = linear(norm(x, p["norm1_weight"], p["norm1_bias"]), p["attn_qkv_weight"], p["attn_qkv_bias"])
-            q, k, v = (t.unflatten(-1, (H, E // H)).transpose(2, 3) for t in h.chunk(3, dim=-1))  # (M,B,H,L,d)
-            q, k = apply_rope(q, positions), apply_rope(k, positions)
-            a = F.scaled_dot_product_attention(q, k, v, attn_mask=masks[:, i, None, None])
-            x = x + linear(a.transpose(2, 3).flatten(-2), p["attn_proj_weight"], p["attn_proj_bias"])
-            h = F.gelu(linear(norm(x, p["norm2_weight"], p["norm2_bias"]), p["mlp_0_weight"], p["mlp_0_bias"]))
-            x = x + linear(h, p["mlp_2_weight"], p["mlp_2_bias"])
-        return linear(norm(x, self.norm_weight, self.norm_bias), self.head_weight, self.head_bias)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -11,7 +13,7 @@ from torch import nn
 from . import _checks
 from .widgets import is_static
 
-__all__ = ["fit", "fit_stream", "fit_stacked", "History", "sequence_cross_entropy", "masked_accuracy", "IGNORE"]
+__all__ = ["fit", "fit_stream", "fit_stacked", "StackedModels", "History", "sequence_cross_entropy", "masked_accuracy", "IGNORE"]
 
 IGNORE = -100  # target value of positions that do not count (as in torch's cross_entropy)
 
@@ -107,13 +109,79 @@ def fit_stream(model: nn.Module, next_batch: Callable[[int], tuple], *,
     return history
 
 
+class StackedModels(nn.Module):
+    """``M`` models of one architecture, evaluated (and trained) as one module.
+
+    The models' parameters and buffers are stacked along a leading model axis
+    (``torch.func.stack_module_state``) and the forward pass is mapped over that axis with
+    ``torch.func.vmap``: ``forward(*inputs)``, every input with a leading axis of ``M``
+    (``None`` passes through to every copy), returns the outputs of the ``M`` copies stacked,
+    copy ``m`` computed from ``inputs[i][m]`` with model ``m``'s weights (the first item if a
+    model returns a tuple). A loss summed over the copies gives each copy exactly the
+    gradient it would get alone, and Adam works element by element, so training the stack
+    trains ``M`` independent models at about the Python cost of one. :meth:`write_back`
+    copies the weights into the models. :func:`fit_stacked` trains one;
+    :class:`attn_course.transformer.SeedStack` is the one for the capstone's transformers.
+    """
+
+    def __init__(self, models):
+        super().__init__()
+        if isinstance(models, nn.Module) and not isinstance(models, nn.ModuleList):
+            raise TypeError(f"models must be a sequence of models, got one {type(models).__name__}")
+        models = list(models)
+        if not models or not all(isinstance(m, nn.Module) for m in models):
+            raise TypeError("models must be a non-empty sequence of nn.Module")
+        shapes = [tuple((k, v.shape, v.dtype) for k, v in m.state_dict().items()) for m in models]
+        if any(s != shapes[0] for s in shapes[1:]):
+            raise ValueError("every model must have the same parameter names and shapes")
+        params, buffers = torch.func.stack_module_state(models)
+        self.num_models = len(models)
+        self._names, self._buffer_names = list(params), list(buffers)
+        self.stacked = nn.ParameterList(nn.Parameter(params[n].detach().clone()) for n in self._names)
+        for i, name in enumerate(self._buffer_names):
+            self.register_buffer(f"stacked_buffer{i}", buffers[name].clone())
+        self._template = [copy.deepcopy(models[0])]          # a list: not a registered submodule
+
+    def _weights(self) -> tuple[dict, dict]:
+        return (dict(zip(self._names, self.stacked)),
+                {n: getattr(self, f"stacked_buffer{i}") for i, n in enumerate(self._buffer_names)})
+
+    def _call(self, params: dict, buffers: dict, *inputs):
+        """One copy's forward pass (``vmap`` maps it over the model axis); subclasses may override."""
+        out = torch.func.functional_call(self._template[0], (params, buffers), inputs)
+        return out[0] if isinstance(out, tuple) else out
+
+    def forward(self, *inputs):
+        return self._map(inputs, tuple(None if x is None else 0 for x in inputs))
+
+    def _map(self, inputs: tuple, in_dims: tuple):
+        """Run :meth:`_call` over the copies; ``in_dims[i]`` is 0 where ``inputs[i]`` has one slice
+        per copy and ``None`` where all copies share it."""
+        params, buffers = self._weights()
+        with warnings.catch_warnings():  # torch's fused CPU attention has no vmap rule yet: a loop, still right
+            warnings.filterwarnings("ignore", message=".*performance drop.*")
+            return torch.func.vmap(self._call, in_dims=(0, 0, *in_dims))(params, buffers, *inputs)
+
+    @torch.no_grad()
+    def write_back(self, models) -> None:
+        """Copy the (trained) weights of copy ``m`` into ``models[m]``."""
+        models = list(models)
+        if len(models) != self.num_models:
+            raise TypeError(f"models must be {self.num_models} model(s), got {len(models)}")
+        params, buffers = self._weights()
+        for m, model in enumerate(models):
+            own = {**dict(model.named_parameters()), **dict(model.named_buffers())}
+            for name, value in {**params, **buffers}.items():
+                own[name].copy_(value[m])
+
+
 def fit_stacked(models, next_batch: Callable[[int], tuple[torch.Tensor, torch.Tensor]], *,
                 loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
                 steps: int = 300, lr: float = 1e-2, desc: str = "training") -> torch.Tensor:
     """Train ``M`` models of one architecture at once with Adam; return the losses ``(steps, M)``.
 
-    The weights are stacked along a leading model axis (``torch.func.stack_module_state``)
-    and the forward pass is ``vmap``-ped over it; ``next_batch(step) -> (x (M, B, ...),
+    The models run as one :class:`StackedModels` (weights stacked along a leading model
+    axis, the forward pass ``vmap``-ped over it); ``next_batch(step) -> (x (M, B, ...),
     y (M, B, ...))`` (``step`` from 1) gives each model its own batch. The loss is the sum
     of the ``M`` losses, so each copy gets exactly its own gradient, and Adam works element
     by element: this equals ``M`` separate trainings, at about the Python cost of one (which
@@ -121,44 +189,31 @@ def fit_stacked(models, next_batch: Callable[[int], tuple[torch.Tensor, torch.Te
     item is the prediction; ``loss_fn`` defaults to mean squared error. The trained weights
     are written back into ``models``, which are left in eval mode.
     """
-    from torch.func import functional_call, stack_module_state, vmap
     from tqdm.auto import trange
 
     models = list(models)
-    if not models or not all(isinstance(m, nn.Module) for m in models):
-        raise TypeError("models must be a non-empty sequence of nn.Module")
-    names = [tuple((k, v.shape) for k, v in m.state_dict().items()) for m in models]
-    if any(n != names[0] for n in names[1:]):
-        raise ValueError("every model must have the same parameter names and shapes")
+    stack = StackedModels(models)
     steps = _checks.positive_number("steps", steps, integer=True)
     lr = _checks.positive_number("lr", lr)
     loss_fn = loss_fn or nn.functional.mse_loss
     M = len(models)
-    params, buffers = stack_module_state(models)            # each (M, ...)
-    template = models[0]
-
-    def predict(p, b, x):
-        out = functional_call(template, (p, b), (x,))
-        return out[0] if isinstance(out, tuple) else out
-
-    batched = vmap(predict)
-    opt = torch.optim.Adam(params.values(), lr=lr)
+    opt = torch.optim.Adam(stack.parameters(), lr=lr)
     losses = torch.empty(steps, M)
     for m in models:
         m.train()
+    stack._template[0].train()
     for step in trange(1, steps + 1, desc=desc, disable=is_static(), leave=False):
         x, y = next_batch(step)
         if x.shape[0] != M or y.shape[0] != M:
             raise ValueError(f"next_batch must give x and y with a leading axis of {M} (one per model), "
                              f"got {tuple(x.shape)} and {tuple(y.shape)}")
-        pred = batched(params, buffers, x)                   # (M, B, ...)
+        pred = stack(x)                                      # (M, B, ...)
         each = torch.stack([loss_fn(pred[m], y[m]) for m in range(M)])
         opt.zero_grad()
         each.sum().backward()                                 # copy m's gradient is its own loss's
         opt.step()
         losses[step - 1] = each.detach().cpu()
-    with torch.no_grad():
-        for i, m in enumerate(models):
-            m.load_state_dict({k: v[i] for k, v in {**params, **buffers}.items()})
-            m.eval()
+    stack.write_back(models)
+    for m in models:
+        m.eval()
     return losses

@@ -7,14 +7,13 @@ The attention can be global, a sliding window or a dilated window (chapter 6's
 kernels), and decoding uses a key/value cache (chapter 4's :class:`~attn_course.multihead.KVCache`).
 For the chapter's ablations the rotary positions can be left out (``rope=False``, "NoPE"),
 the attention replaced by a uniform average over the earlier tokens (``kind="uniform"``),
-and :class:`SeedStack` trains several copies of one configuration (seeds) as one model.
+and :class:`SeedStack` trains several copies of one configuration (seeds, or attention patterns
+given per copy and layer) as one model.
 """
 
 from __future__ import annotations
 
-import copy
 import math
-import warnings
 from collections.abc import Callable, Sequence
 
 import torch
@@ -25,6 +24,7 @@ from . import _checks, sparse
 from .basics import masked_softmax
 from .multihead import KVCache, merge_heads, split_heads
 from .positional import apply_rope
+from .train import StackedModels
 
 __all__ = ["CausalSelfAttention", "Block", "TinyTransformer", "SeedStack", "ATTENTION_KINDS", "pattern_mask"]
 
@@ -56,9 +56,12 @@ class CausalSelfAttention(nn.Module):
     uniform baseline of Wiegreffe & Pinter, 2019). ``rope=False`` leaves out the rotary
     positions (no positional encoding at all, "NoPE").
 
-    ``forward(x (B, L, E), *, cache=None, need_weights=False, key_mask=None, edit_weights=None)
-    -> (output (B, L, E), weights (B, H, L, T) or None)``; with a
-    :class:`~attn_course.multihead.KVCache`, ``x`` holds only the new tokens. Two hooks for
+    ``forward(x (B, L, E), *, cache=None, need_weights=False, key_mask=None, edit_weights=None,
+    attn_mask=None) -> (output (B, L, E), weights (B, H, L, T) or None)``; with a
+    :class:`~attn_course.multihead.KVCache`, ``x`` holds only the new tokens. ``attn_mask (L, L)``
+    bool (``True`` = may attend, e.g. :func:`pattern_mask`) replaces the pattern of ``kind``
+    for one call, without a cache: that is how :class:`SeedStack` gives each copy its own
+    pattern. Two hooks for
     interpretability experiments: ``key_mask (B, T)`` bool, ``False`` for tokens that no query
     may read (erasure), and ``edit_weights(weights (B, H, L, T), mask) -> weights``, which
     replaces the attention weights before they mix the values (e.g. a permutation of them,
@@ -79,9 +82,17 @@ class CausalSelfAttention(nn.Module):
         self.proj = nn.Linear(embed_dim, embed_dim)
 
     def forward(self, x, *, cache: KVCache | None = None, need_weights: bool = False,
-                key_mask: torch.Tensor | None = None, edit_weights: Callable | None = None):
+                key_mask: torch.Tensor | None = None, edit_weights: Callable | None = None,
+                attn_mask: torch.Tensor | None = None):
         B, L, _ = x.shape
         past = 0 if cache is None else cache.length
+        if attn_mask is not None:
+            if cache is not None:
+                raise ValueError("attn_mask replaces the pattern of a whole sequence; it cannot be used with a cache")
+            if not isinstance(attn_mask, torch.Tensor) or attn_mask.dtype != torch.bool or attn_mask.shape != (L, L):
+                raise ValueError(f"attn_mask must be a bool tensor (L, L) = {(L, L)} (True = may attend), got "
+                                 f"{getattr(attn_mask, 'dtype', type(attn_mask).__name__)} "
+                                 f"{tuple(getattr(attn_mask, 'shape', ()))}")
         q, k, v = (split_heads(t, self.num_heads) for t in self.qkv(x).chunk(3, dim=-1))  # (B, H, L, d)
         if self.rope:
             positions = torch.arange(past, past + L, device=x.device)
@@ -90,7 +101,8 @@ class CausalSelfAttention(nn.Module):
             k, v = cache.append(k, v)
         T = past + L
         if need_weights or cache is not None or key_mask is not None or edit_weights is not None:
-            mask = pattern_mask(self.kind, T, self.window, self.dilation, x.device)[past:]   # (L, T)
+            mask = (pattern_mask(self.kind, T, self.window, self.dilation, x.device)[past:]   # (L, T)
+                    if attn_mask is None else attn_mask)
             if key_mask is not None:
                 key_mask = _checks.bool_mask("key_mask", key_mask, (B, T), x.device)
                 mask = mask & key_mask.reshape(-1, 1, 1, T)                                   # (B, 1, L, T)
@@ -104,7 +116,13 @@ class CausalSelfAttention(nn.Module):
             out = weights @ v
         else:
             weights = None
-            if self.kind == "global":
+            if attn_mask is not None and self.kind == "uniform":
+                weights = attn_mask.to(v.dtype) / attn_mask.sum(-1, keepdim=True).clamp_min(1)
+                out, weights = weights @ v, None
+            elif attn_mask is not None:      # written out: vmap (SeedStack) batches it, unlike the fused kernel
+                scores = (q @ k.transpose(-2, -1) / math.sqrt(q.shape[-1])).masked_fill(~attn_mask, float("-inf"))
+                out = scores.softmax(-1) @ v
+            elif self.kind == "global":
                 out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
             elif self.kind == "uniform":                        # the running mean of the values
                 out = v.cumsum(-2) / torch.arange(1, L + 1, device=x.device, dtype=v.dtype)[:, None]
@@ -132,9 +150,9 @@ class Block(nn.Module):
         self.mlp = nn.Sequential(nn.Linear(embed_dim, mlp_ratio * embed_dim), nn.GELU(),
                                  nn.Linear(mlp_ratio * embed_dim, embed_dim))
 
-    def forward(self, x, *, cache=None, need_weights=False, key_mask=None, edit_weights=None):
+    def forward(self, x, *, cache=None, need_weights=False, key_mask=None, edit_weights=None, attn_mask=None):
         a, weights = self.attn(self.norm1(x), cache=cache, need_weights=need_weights, key_mask=key_mask,
-                               edit_weights=edit_weights)
+                               edit_weights=edit_weights, attn_mask=attn_mask)
         x = x + a if self.residual else a
         m = self.mlp(self.norm2(x))
         return (x + m if self.residual else m), weights
@@ -150,6 +168,8 @@ class TinyTransformer(nn.Module):
     ``kind="uniform"`` (no learned attention weights). Interpretability hooks, passed to every
     layer (see :class:`CausalSelfAttention`): ``key_mask (B, L)`` hides tokens from every
     query; ``edit_weights(layer, weights, mask) -> weights`` replaces layer ``layer``'s weights.
+    ``attn_masks (num_layers, L, L)`` bool gives each layer its own causal pattern for the call
+    (``True`` = may attend, e.g. :func:`pattern_mask`), in place of ``kind``'s.
     """
 
     def __init__(self, vocab_size: int, embed_dim: int = 64, num_heads: int = 4, num_layers: int = 2, *,
@@ -166,16 +186,23 @@ class TinyTransformer(nn.Module):
         self.head = nn.Linear(embed_dim, vocab_size)
 
     def forward(self, ids, *, need_weights: bool = False, caches: list | None = None, embeddings=None,
-                key_mask: torch.Tensor | None = None, edit_weights: Callable | None = None):
+                key_mask: torch.Tensor | None = None, edit_weights: Callable | None = None,
+                attn_masks: torch.Tensor | None = None):
         if embeddings is None:
             x = self.embed(_checks.token_ids("ids", ids, self.embed.num_embeddings))
         else:
             x = embeddings  # lets attribution methods differentiate with respect to the embeddings
+        n, L = len(self.blocks), x.shape[-2]
+        if attn_masks is not None and (not isinstance(attn_masks, torch.Tensor) or attn_masks.dtype != torch.bool
+                                       or attn_masks.shape != (n, L, L)):
+            raise ValueError(f"attn_masks must be a bool tensor (num_layers, L, L) = {(n, L, L)}, got "
+                             f"{getattr(attn_masks, 'dtype', type(attn_masks).__name__)} "
+                             f"{tuple(getattr(attn_masks, 'shape', ()))}")
         all_weights = []
         for i, block in enumerate(self.blocks):
             edit = None if edit_weights is None else (lambda w, m, i=i: edit_weights(i, w, m))
             x, w = block(x, cache=None if caches is None else caches[i], need_weights=need_weights,
-                         key_mask=key_mask, edit_weights=edit)
+                         key_mask=key_mask, edit_weights=edit, attn_mask=None if attn_masks is None else attn_masks[i])
             all_weights.append(w)
         return self.head(self.norm(x)), (all_weights if need_weights else None)
 
@@ -207,24 +234,23 @@ def _configuration(model: TinyTransformer) -> tuple:
             tuple((n, tuple(p.shape), p.dtype) for n, p in model.named_parameters()))
 
 
-class SeedStack(nn.Module):
+class SeedStack(StackedModels):
     """``M`` copies of one :class:`TinyTransformer` configuration, each with its own weights
-    (e.g. its own seed), evaluated and trained as one model.
-
-    The copies' parameters are stacked along a leading model axis
-    (``torch.func.stack_module_state``) and the forward pass is mapped over that axis
-    with ``torch.func.vmap``. Summing the ``M`` losses gives each copy exactly the
-    gradient it would get alone, and Adam acts element by element, so training the stack
+    (e.g. its own seed), evaluated and trained as one model (a
+    :class:`~attn_course.train.StackedModels`: weights stacked along a leading model axis,
+    the forward pass ``vmap``-ped over it). Summing the ``M`` losses gives each copy exactly
+    the gradient it would get alone, and Adam acts element by element, so training the stack
     trains ``M`` independent models. Any configuration works (no residuals, no norm, no
-    positions, uniform attention), which :class:`attn_course.modern.ParallelTransformers`
-    (faster, but only residual pre-norm RoPE models) does not cover.
+    positions, uniform attention).
 
-    ``forward(ids (M, B, L)) -> logits (M, B, L, vocab)``: copy ``m`` reads ``ids[m]``.
+    ``forward(ids (M, B, L), masks=None) -> logits (M, B, L, vocab)``: copy ``m`` reads
+    ``ids[m]``; ``masks (M, num_layers, L, L)`` bool, if given, gives each copy and layer its own
+    causal pattern (``masks[m, l]``, ``True`` = may attend, e.g. :func:`pattern_mask` of
+    ``"window"``), so that copies of one model with different attention patterns train together.
     :meth:`write_back` copies the trained weights into the models.
     """
 
     def __init__(self, models: Sequence[TinyTransformer]):
-        super().__init__()
         models = list(models)
         if not models or not all(isinstance(m, TinyTransformer) for m in models):
             raise TypeError(f"models must be a non-empty list of TinyTransformer, got "
@@ -233,38 +259,38 @@ class SeedStack(nn.Module):
         if any(_configuration(m) != first for m in models[1:]):
             raise ValueError("models must share one TinyTransformer configuration (sizes, kind, window, "
                              "rope, residual, norm); only their weights may differ")
-        params, _ = torch.func.stack_module_state(models)
-        self.num_models = len(models)
-        self._names = list(params)
-        self.stacked = nn.ParameterList(nn.Parameter(params[n].detach().clone()) for n in self._names)
-        self._skeleton = [copy.deepcopy(models[0]).to("meta")]  # a list: not a registered submodule
-        self._vocab = models[0].embed.num_embeddings
+        super().__init__(models)
+        self._vocab, self._layers = models[0].embed.num_embeddings, len(models[0].blocks)
+        attn = models[0].blocks[0].attn
+        self._pattern = (attn.kind, attn.window, attn.dilation)
 
-        def one(weights, ids):                                       # one copy, ids (B, L)
-            weights = dict(zip(self._names, weights))
-            emb = weights["embed.weight"][ids]
-            return torch.func.functional_call(self._skeleton[0], weights, (ids,), {"embeddings": emb})[0]
+    def _call(self, params, buffers, ids, masks):                   # one copy: ids (B, L), masks (layers, L, L)
+        emb = params["embed.weight"][ids]        # the embedding lookup outside the model: its id checks cannot vmap
+        return torch.func.functional_call(self._template[0], (params, buffers), (ids,),
+                                          {"embeddings": emb, "attn_masks": masks})[0]
 
-        self._forward = torch.func.vmap(one)
-
-    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+    def forward(self, ids: torch.Tensor, masks: torch.Tensor | None = None) -> torch.Tensor:
         M = self.num_models
         if not isinstance(ids, torch.Tensor) or ids.dtype != torch.long or ids.ndim != 3 or ids.shape[0] != M:
             raise TypeError(f"ids must be an int64 tensor (M={M}, B, L), got "
                             f"{getattr(ids, 'dtype', type(ids).__name__)} of shape {tuple(getattr(ids, 'shape', ()))}")
         if ids.numel() and (ids.min() < 0 or ids.max() >= self._vocab):
             raise ValueError(f"ids holds ids outside [0, {self._vocab}): min {int(ids.min())}, max {int(ids.max())}")
-        with warnings.catch_warnings():  # torch's fused CPU attention has no vmap rule yet: a loop, still right
-            warnings.filterwarnings("ignore", message=".*performance drop.*")
-            return self._forward(tuple(self.stacked), ids)
+        L = ids.shape[2]
+        if masks is not None and (not isinstance(masks, torch.Tensor) or masks.dtype != torch.bool
+                                  or masks.shape != (M, self._layers, L, L)):
+            raise ValueError(f"masks must be a bool tensor (M, num_layers, L, L) = {(M, self._layers, L, L)}, got "
+                             f"{getattr(masks, 'dtype', type(masks).__name__)} {tuple(getattr(masks, 'shape', ()))}")
+        if masks is None:   # the configuration's own pattern, written out: vmap batches it (the fused kernel it loops)
+            kind, window, dilation = self._pattern
+            shared = pattern_mask(kind, L, window, dilation, ids.device).expand(self._layers, L, L)
+            return self._map((ids, shared), (0, None))
+        return self._map((ids, masks), (0, 0))
 
-    @torch.no_grad()
     def write_back(self, models: Sequence[TinyTransformer]) -> None:
         """Copy the (trained) weights of copy ``m`` into ``models[m]``."""
         models = list(models)
-        if len(models) != self.num_models:
-            raise TypeError(f"models must be {self.num_models} TinyTransformer(s), got {len(models)}")
-        for m, model in enumerate(models):
-            own = dict(model.named_parameters())
-            for name, p in zip(self._names, self.stacked):
-                own[name].copy_(p[m])
+        if len(models) != self.num_models or not all(isinstance(m, TinyTransformer) for m in models):
+            raise TypeError(f"models must be {self.num_models} TinyTransformer(s), got "
+                            f"{[type(m).__name__ for m in models]}")
+        super().write_back(models)
