@@ -142,6 +142,11 @@ class StackedModels(nn.Module):
             self.register_buffer(f"stacked_buffer{i}", buffers[name].clone())
         self._template = [copy.deepcopy(models[0])]          # a list: not a registered submodule
 
+    def train(self, mode: bool = True):
+        """Set training mode, also on the model that computes each copy (dropout, batch norm)."""
+        self._template[0].train(mode)
+        return super().train(mode)
+
     def _weights(self) -> tuple[dict, dict]:
         return (dict(zip(self._names, self.stacked)),
                 {n: getattr(self, f"stacked_buffer{i}") for i, n in enumerate(self._buffer_names)})
@@ -201,7 +206,7 @@ def fit_stacked(models, next_batch: Callable[[int], tuple[torch.Tensor, torch.Te
     losses = torch.empty(steps, M)
     for m in models:
         m.train()
-    stack._template[0].train()
+    stack.train()
     for step in trange(1, steps + 1, desc=desc, disable=is_static(), leave=False):
         x, y = next_batch(step)
         if x.shape[0] != M or y.shape[0] != M:

@@ -117,8 +117,7 @@ class CausalSelfAttention(nn.Module):
         else:
             weights = None
             if attn_mask is not None and self.kind == "uniform":
-                weights = attn_mask.to(v.dtype) / attn_mask.sum(-1, keepdim=True).clamp_min(1)
-                out, weights = weights @ v, None
+                out = (attn_mask.to(v.dtype) / attn_mask.sum(-1, keepdim=True).clamp_min(1)) @ v
             elif attn_mask is not None:      # written out: vmap (SeedStack) batches it, unlike the fused kernel
                 scores = (q @ k.transpose(-2, -1) / math.sqrt(q.shape[-1])).masked_fill(~attn_mask, float("-inf"))
                 out = scores.softmax(-1) @ v

@@ -162,6 +162,13 @@ def _selection_losses(s, x, y, classifier, mode, tau, generator):
     return per_example, log_p, logits
 
 
+def _select(scores: torch.Tensor, mode: str) -> torch.Tensor:
+    """Weights over the last axis of ``scores``: their softmax (``mode="soft"``), else a one-hot arg-max."""
+    if mode == "soft":
+        return torch.softmax(scores, -1)
+    return F.one_hot(scores.argmax(-1), scores.shape[-1]).to(scores.dtype)
+
+
 class MarkerSelector(nn.Module):
     """The "find the marked item" model: score every item, select, classify.
 
@@ -187,10 +194,7 @@ class MarkerSelector(nn.Module):
 
     def select(self, x):
         """Weights over positions ``(B, L)``: the softmax of the scores (soft), else a one-hot argmax."""
-        s = self.scores(x)
-        if self.mode == "soft":
-            return torch.softmax(s, -1)
-        return F.one_hot(s.argmax(-1), s.shape[-1]).to(x.dtype)
+        return _select(self.scores(x), self.mode)
 
     def forward(self, x):
         w = self.select(x)
@@ -269,10 +273,7 @@ class StackedMarkerSelectors(nn.Module):
 
     def select(self, x):
         """Weights ``(M, B, L)``: softmax of the scores (soft), else a one-hot arg-max."""
-        s = self.scores(x)
-        if self.mode == "soft":
-            return torch.softmax(s, -1)
-        return F.one_hot(s.argmax(-1), s.shape[-1]).to(s.dtype)
+        return _select(self.scores(x), self.mode)
 
     def forward(self, x):
         x = self._items(x)
