@@ -1,6 +1,7 @@
 """The exercise checker: solutions pass strictly, wrong answers are rejected with useful
 feedback, and nothing a learner writes crashes or hangs the checker."""
 
+import importlib
 import math
 import re
 import time
@@ -14,9 +15,23 @@ from attn_course.exercises import check, list_exercises, solution
 NAMES = list_exercises()
 
 
-def test_names_have_a_chapter_prefix_and_chapter_one_has_at_least_three():
-    assert all(re.fullmatch(r"ch\d\d\.[a-z_]+", n) for n in NAMES)
-    assert sum(n.startswith("ch01.") for n in NAMES) >= 3
+TOPICS = sorted({n.split(".")[0] for n in NAMES})
+
+
+def test_names_have_a_topic_prefix_never_a_chapter_number():
+    """Ids are ``<topic>.<name>``, the topic a module of the exercises package, so chapters can move."""
+    import attn_course.exercises as ex
+
+    assert all(re.fullmatch(r"[a-z][a-z0-9_]*\.[a-z_0-9]+", n) for n in NAMES)
+    assert not any(re.match(r"ch\d", n) for n in NAMES)
+    for topic in TOPICS:
+        module = importlib.import_module(f"{ex.__name__}.{topic}")
+        assert all(e.name.startswith(topic + ".") for e in module.EXERCISES)
+
+
+def test_an_old_chapter_numbered_id_names_its_new_topic_id():
+    with pytest.raises(KeyError, match="'flash.merge_attention'"):
+        check("ch07.merge_attention", lambda: None)
 
 
 @pytest.mark.parametrize("name", NAMES)
@@ -128,7 +143,7 @@ def test_code_that_never_returns_is_stopped_for_every_exercise(name, capsys):
 
 def test_an_endless_loop_is_stopped_by_the_time_limit(capsys):
     start = time.perf_counter()
-    assert check("ch01.masked_softmax", _loops_forever, timeout=0.5) is False
+    assert check("basics.masked_softmax", _loops_forever, timeout=0.5) is False
     assert time.perf_counter() - start < 5
     assert "did not finish within 0.5 s" in capsys.readouterr().out
 
@@ -136,16 +151,16 @@ def test_an_endless_loop_is_stopped_by_the_time_limit(capsys):
 def test_changing_the_inputs_in_place_is_reported(capsys):
     def in_place(scores, mask):
         scores.masked_fill_(~mask, float("-inf"))
-        return solution("ch01.masked_softmax")(scores, mask)
+        return solution("basics.masked_softmax")(scores, mask)
 
-    assert check("ch01.masked_softmax", in_place) is False
+    assert check("basics.masked_softmax", in_place) is False
     assert "changed its inputs in place" in capsys.readouterr().out
 
 
 def test_masked_softmax_hints(capsys):
-    assert check("ch01.masked_softmax", lambda s, m: torch.softmax(s, -1)) is False
+    assert check("basics.masked_softmax", lambda s, m: torch.softmax(s, -1)) is False
     assert "masked keys got weight" in capsys.readouterr().out
-    assert check("ch01.masked_softmax",
+    assert check("basics.masked_softmax",
                  lambda s, m: torch.softmax(s.masked_fill(~m, -math.inf), 0).nan_to_num()) is False
     assert "did you normalise over the last axis" in capsys.readouterr().out
 
@@ -153,7 +168,7 @@ def test_masked_softmax_hints(capsys):
         e = torch.exp(s) * m
         return e / e.sum(-1, keepdim=True)
 
-    assert check("ch01.masked_softmax", naive) is False
+    assert check("basics.masked_softmax", naive) is False
     assert "NaN" in capsys.readouterr().out
 
 
@@ -165,7 +180,7 @@ def test_sdpa_hint_for_missing_scale(capsys):
         w = torch.softmax(s, -1).nan_to_num()
         return w @ v, w
 
-    assert check("ch01.scaled_dot_product_attention", unscaled) is False
+    assert check("basics.scaled_dot_product_attention", unscaled) is False
     assert "sqrt(d_k)" in capsys.readouterr().out
 
 
@@ -177,7 +192,7 @@ def test_sdpa_rejects_an_answer_that_forgets_fully_masked_rows(capsys):
         w = torch.softmax(s, -1)
         return w @ v, w
 
-    assert check("ch01.scaled_dot_product_attention", nan_rows) is False
+    assert check("basics.scaled_dot_product_attention", nan_rows) is False
     assert "NaN" in capsys.readouterr().out
 
 
@@ -186,14 +201,14 @@ def test_nadaraya_watson_hints(capsys):
         w = torch.softmax(-((q[:, None] - x[None, :]) / h) ** 2, 1)
         return w @ y, w
 
-    assert check("ch01.nadaraya_watson", no_half) is False
+    assert check("basics.nadaraya_watson", no_half) is False
     assert "dropped the 1/2" in capsys.readouterr().out
 
     def unnormalised(x, y, q, h):
         w = torch.exp(-0.5 * ((q[:, None] - x[None, :]) / h) ** 2)
         return w @ y, w
 
-    assert check("ch01.nadaraya_watson", unnormalised) is False
+    assert check("basics.nadaraya_watson", unnormalised) is False
     assert "sum to 1" in capsys.readouterr().out
 
 
@@ -201,12 +216,12 @@ def test_additive_hint_for_missing_tanh(capsys):
     def no_tanh(q, k, W_q, W_k, w_v):
         return ((q @ W_q.T)[:, None, :] + (k @ W_k.T)[None, :, :]) @ w_v
 
-    assert check("ch01.additive_scores", no_tanh) is False
+    assert check("basics.additive_scores", no_tanh) is False
     assert "apply tanh" in capsys.readouterr().out
 
 
 def test_unknown_names_list_the_known_ones():
-    with pytest.raises(KeyError, match="ch01.masked_softmax"):
+    with pytest.raises(KeyError, match="basics.masked_softmax"):
         check("ch01.no_such_thing", lambda: None)
     with pytest.raises(KeyError, match="known exercises"):
         solution("nope")
@@ -216,7 +231,7 @@ def test_unknown_names_list_the_known_ones():
 
 def test_bad_timeout_is_refused():
     with pytest.raises(ValueError, match="timeout"):
-        check("ch01.masked_softmax", solution("ch01.masked_softmax"), timeout=0)
+        check("basics.masked_softmax", solution("basics.masked_softmax"), timeout=0)
 
 
 def test_solutions_are_independent_of_the_package_code():
@@ -229,22 +244,22 @@ def test_solutions_are_independent_of_the_package_code():
 
 
 def test_chapter_four_hints(capsys):
-    assert check("ch04.split_heads", lambda x, h: x.reshape(x.shape[0], x.shape[1], h, -1)) is False
+    assert check("multihead.split_heads", lambda x, h: x.reshape(x.shape[0], x.shape[1], h, -1)) is False
     assert "transpose(1, 2)" in capsys.readouterr().out
-    assert check("ch04.split_heads", lambda x, h: x.reshape(x.shape[0], h, x.shape[1], -1)) is False
+    assert check("multihead.split_heads", lambda x, h: x.reshape(x.shape[0], h, x.shape[1], -1)) is False
     assert "mixes positions and heads" in capsys.readouterr().out
-    assert check("ch04.masks_from_torch", lambda a, p: a[None, None] | p[:, None, None]) is False
+    assert check("multihead.masks_from_torch", lambda a, p: a[None, None] | p[:, None, None]) is False
     assert "invert both masks" in capsys.readouterr().out
-    assert check("ch04.mha_parameter_count", lambda E, H, k, v, b: 3 * E * E + (3 * E if b else 0)) is False
+    assert check("multihead.mha_parameter_count", lambda E, H, k, v, b: 3 * E * E + (3 * E if b else 0)) is False
     assert "output projection" in capsys.readouterr().out
-    assert check("ch04.kv_cache_bytes", lambda n, g, d, L, B, s: n * g * d * L * B * s) is False
+    assert check("multihead.kv_cache_bytes", lambda n, g, d, L, B, s: n * g * d * L * B * s) is False
     assert "keys AND values" in capsys.readouterr().out
 
 
 def test_chapter_five_hints(capsys):
     from attn_course.positional import apply_rope
 
-    assert check("ch05.apply_rope", lambda x, p: apply_rope(x, -p)) is False
+    assert check("positional.apply_rope", lambda x, p: apply_rope(x, -p)) is False
     assert "rotate the wrong way" in capsys.readouterr().out
 
     def halves(x, p):
@@ -253,24 +268,24 @@ def test_chapter_five_hints(capsys):
         a, b = x[..., : d // 2], x[..., d // 2:]
         return torch.cat([a * t.cos() - b * t.sin(), a * t.sin() + b * t.cos()], -1).to(x.dtype)
 
-    assert check("ch05.apply_rope", halves) is False
+    assert check("positional.apply_rope", halves) is False
     out = capsys.readouterr().out
     assert "interleaved" in out and "not wrong" in out  # rotate-half is a permutation, not a bug
-    assert check("ch05.relative_position_index",
+    assert check("positional.relative_position_index",
                  lambda a, b, k: (torch.arange(a)[:, None] - torch.arange(b)[None, :]).clamp(-k, k) + k) is False
     assert "j - i" in capsys.readouterr().out
-    assert check("ch05.relative_position_index", lambda a, b, k: torch.zeros(a, b)) is False
+    assert check("positional.relative_position_index", lambda a, b, k: torch.zeros(a, b)) is False
     assert "integer tensor" in capsys.readouterr().out
-    assert check("ch05.alibi_slopes", lambda n: torch.tensor([2 ** (-8 * (k + 1) / n) for k in range(n)])) is False
+    assert check("positional.alibi_slopes", lambda n: torch.tensor([2 ** (-8 * (k + 1) / n) for k in range(n)])) is False
     assert "not a power of two" in capsys.readouterr().out
 
 
 def test_chapter_two_hints(capsys):
-    assert check("ch02.padding_mask", lambda lengths, m: torch.arange(m)[None, :] >= lengths[:, None]) is False
+    assert check("seq2seq.padding_mask", lambda lengths, m: torch.arange(m)[None, :] >= lengths[:, None]) is False
     assert "True marks the real tokens" in capsys.readouterr().out
-    assert check("ch02.causal_mask", lambda n: torch.ones(n, n, dtype=torch.bool).triu()) is False
+    assert check("seq2seq.causal_mask", lambda n: torch.ones(n, n, dtype=torch.bool).triu()) is False
     assert "lower triangle" in capsys.readouterr().out
-    assert check("ch02.causal_mask", lambda n: torch.ones(n, n, dtype=torch.bool).tril(-1)) is False
+    assert check("seq2seq.causal_mask", lambda n: torch.ones(n, n, dtype=torch.bool).tril(-1)) is False
     assert "keep the diagonal" in capsys.readouterr().out
 
 
@@ -278,9 +293,8 @@ def test_chapter_two_hints(capsys):
 
 def test_at_least_forty_auto_checked_exercises_and_four_per_chapter():
     assert len(NAMES) >= 40
-    chapters = {n[:4] for n in NAMES}
-    for ch in chapters:
-        assert sum(n.startswith(ch + ".") for n in NAMES) >= 4, ch
+    for topic in TOPICS:
+        assert sum(n.startswith(topic + ".") for n in NAMES) >= 4, topic
 
 
 # --- chapters 1-6 and 9: the mistakes learners make, each rejected with a hint that names it -------
@@ -667,200 +681,200 @@ def _ti(x, y):
 
 WRONG = [
     # chapter 1
-    ("ch01.nadaraya_watson", _nw_dim0, "normalise over the training points", None),
-    ("ch01.nadaraya_watson", _nw_unnormalised, "sum to 1", None),
-    ("ch01.nadaraya_watson", _nw_kernel(lambda d, h: -((d / h) ** 2)), "dropped the 1/2", None),
-    ("ch01.nadaraya_watson", _nw_kernel(lambda d, h: -0.5 * d**2 / h), "divide the distance by sigma before squaring", None),
-    ("ch01.nadaraya_watson", _nw_kernel(lambda d, h: -0.5 * (d * h) ** 2), "do not multiply", None),
-    ("ch01.nadaraya_watson", _nw_kernel(lambda d, h: -0.5 * (d / h).abs()), "square the distance", None),
-    ("ch01.nadaraya_watson", _nw_naive, "underflows", "sum to 1"),
-    ("ch01.nadaraya_watson", _nw_bad_prediction, "weights @ y_train", "divide|multiply|1/2"),
-    ("ch01.fit_bandwidth", _fit(accumulate=True), "zero the gradient", None),
-    ("ch01.fit_bandwidth", _fit(on="h"), "on log_sigma", None),
-    ("ch01.fit_bandwidth", _fit(log=True), "that is log sigma", None),
-    ("ch01.fit_bandwidth", _fit(reduce="sum"), "not the sum", None),
-    ("ch01.fit_bandwidth", _fit(sign=-1.0), "step downhill", None),
-    ("ch01.fit_bandwidth", _fit(queries="train"), "predict at x_val", None),
-    ("ch01.masked_softmax", lambda s, m: torch.softmax(s, -1), "masked keys got weight", None),
-    ("ch01.masked_softmax", lambda s, m: _sm(s, ~m).nan_to_num(), "inverted", "last axis"),
-    ("ch01.masked_softmax", lambda s, m: torch.softmax(s, -1) * m, "after the softmax", None),
-    ("ch01.masked_softmax", lambda s, m: _sm(s, m, -2).nan_to_num(), "did you normalise over the last axis", None),
-    ("ch01.masked_softmax", lambda s, m: _sm(s, m), "all-zero weights", "sum to 1"),
-    ("ch01.masked_softmax", lambda s, m: torch.softmax(s.masked_fill(~m, -1e9), -1), "not uniform", None),
-    ("ch01.masked_softmax", _ms_max_over_all, "ALLOWED keys only", None),
-    ("ch01.masked_softmax", _ms_no_max, "overflows", "sum to 1"),
-    ("ch01.scaled_dot_product_attention", _sdpa(scale=lambda q, v: 1.0), "sqrt\\(d_k\\)", None),
-    ("ch01.scaled_dot_product_attention", _sdpa(scale=lambda q, v: 1 / q.shape[-1]), "not by d_k", None),
-    ("ch01.scaled_dot_product_attention", _sdpa(scale=lambda q, v: 1 / math.sqrt(v.shape[-1])), "not of the value size", None),
-    ("ch01.scaled_dot_product_attention", _sdpa_bmm, "not torch.bmm", None),
-    ("ch01.scaled_dot_product_attention", _sdpa(dim=-2), "the softmax goes over the keys", None),
-    ("ch01.scaled_dot_product_attention", _sdpa(values="key"), "multiply the weights by value", None),
-    ("ch01.scaled_dot_product_attention", _sdpa(use_mask=False), "the mask is ignored", None),
-    ("ch01.scaled_dot_product_attention", _sdpa(invert=True), "inverted", None),
-    ("ch01.scaled_dot_product_attention", _sdpa(nan_rows=True), "zero weights and a zero output", None),
-    ("ch01.scaled_dot_product_attention", _sdpa(fill=-1e9), "not uniform", None),
-    ("ch01.scaled_dot_product_attention", _sdpa(swap=True), "in that order", None),
-    ("ch01.additive_scores", _additive("no tanh"), "apply tanh", None),
-    ("ch01.additive_scores", _additive("separate tanh"), "tanh goes around the sum", None),
-    ("ch01.additive_scores", _additive("untransposed"), "query @ W_q.T", None),
-    ("ch01.additive_scores", _additive("sum"), "not the plain sum", None),
-    ("ch01.additive_scores", _additive("softmax"), "before any softmax", None),
-    ("ch01.additive_scores", _additive("transposed"), "swapped", None),
+    ("basics.nadaraya_watson", _nw_dim0, "normalise over the training points", None),
+    ("basics.nadaraya_watson", _nw_unnormalised, "sum to 1", None),
+    ("basics.nadaraya_watson", _nw_kernel(lambda d, h: -((d / h) ** 2)), "dropped the 1/2", None),
+    ("basics.nadaraya_watson", _nw_kernel(lambda d, h: -0.5 * d**2 / h), "divide the distance by sigma before squaring", None),
+    ("basics.nadaraya_watson", _nw_kernel(lambda d, h: -0.5 * (d * h) ** 2), "do not multiply", None),
+    ("basics.nadaraya_watson", _nw_kernel(lambda d, h: -0.5 * (d / h).abs()), "square the distance", None),
+    ("basics.nadaraya_watson", _nw_naive, "underflows", "sum to 1"),
+    ("basics.nadaraya_watson", _nw_bad_prediction, "weights @ y_train", "divide|multiply|1/2"),
+    ("basics.fit_bandwidth", _fit(accumulate=True), "zero the gradient", None),
+    ("basics.fit_bandwidth", _fit(on="h"), "on log_sigma", None),
+    ("basics.fit_bandwidth", _fit(log=True), "that is log sigma", None),
+    ("basics.fit_bandwidth", _fit(reduce="sum"), "not the sum", None),
+    ("basics.fit_bandwidth", _fit(sign=-1.0), "step downhill", None),
+    ("basics.fit_bandwidth", _fit(queries="train"), "predict at x_val", None),
+    ("basics.masked_softmax", lambda s, m: torch.softmax(s, -1), "masked keys got weight", None),
+    ("basics.masked_softmax", lambda s, m: _sm(s, ~m).nan_to_num(), "inverted", "last axis"),
+    ("basics.masked_softmax", lambda s, m: torch.softmax(s, -1) * m, "after the softmax", None),
+    ("basics.masked_softmax", lambda s, m: _sm(s, m, -2).nan_to_num(), "did you normalise over the last axis", None),
+    ("basics.masked_softmax", lambda s, m: _sm(s, m), "all-zero weights", "sum to 1"),
+    ("basics.masked_softmax", lambda s, m: torch.softmax(s.masked_fill(~m, -1e9), -1), "not uniform", None),
+    ("basics.masked_softmax", _ms_max_over_all, "ALLOWED keys only", None),
+    ("basics.masked_softmax", _ms_no_max, "overflows", "sum to 1"),
+    ("basics.scaled_dot_product_attention", _sdpa(scale=lambda q, v: 1.0), "sqrt\\(d_k\\)", None),
+    ("basics.scaled_dot_product_attention", _sdpa(scale=lambda q, v: 1 / q.shape[-1]), "not by d_k", None),
+    ("basics.scaled_dot_product_attention", _sdpa(scale=lambda q, v: 1 / math.sqrt(v.shape[-1])), "not of the value size", None),
+    ("basics.scaled_dot_product_attention", _sdpa_bmm, "not torch.bmm", None),
+    ("basics.scaled_dot_product_attention", _sdpa(dim=-2), "the softmax goes over the keys", None),
+    ("basics.scaled_dot_product_attention", _sdpa(values="key"), "multiply the weights by value", None),
+    ("basics.scaled_dot_product_attention", _sdpa(use_mask=False), "the mask is ignored", None),
+    ("basics.scaled_dot_product_attention", _sdpa(invert=True), "inverted", None),
+    ("basics.scaled_dot_product_attention", _sdpa(nan_rows=True), "zero weights and a zero output", None),
+    ("basics.scaled_dot_product_attention", _sdpa(fill=-1e9), "not uniform", None),
+    ("basics.scaled_dot_product_attention", _sdpa(swap=True), "in that order", None),
+    ("basics.additive_scores", _additive("no tanh"), "apply tanh", None),
+    ("basics.additive_scores", _additive("separate tanh"), "tanh goes around the sum", None),
+    ("basics.additive_scores", _additive("untransposed"), "query @ W_q.T", None),
+    ("basics.additive_scores", _additive("sum"), "not the plain sum", None),
+    ("basics.additive_scores", _additive("softmax"), "before any softmax", None),
+    ("basics.additive_scores", _additive("transposed"), "swapped", None),
     # chapter 2
-    ("ch02.padding_mask", lambda n, m: torch.arange(m)[None, :] >= n[:, None], "True marks the real tokens", None),
-    ("ch02.padding_mask", lambda n, m: torch.arange(m)[None, :] <= n[:, None], "use <, not <=", None),
-    ("ch02.padding_mask", lambda n, m: (torch.arange(m)[None, :] < n[:, None]).float(), "dtype", None),
-    ("ch02.padding_mask", lambda n, m: torch.arange(m)[:, None] < n[None, :], "has shape", None),
-    ("ch02.causal_mask", lambda n: torch.ones(n, n, dtype=torch.bool).triu(), "lower triangle", None),
-    ("ch02.causal_mask", lambda n: torch.ones(n, n, dtype=torch.bool).tril(-1), "keep the diagonal", None),
-    ("ch02.causal_mask", lambda n: torch.ones(n, n, dtype=torch.bool).triu(1), "may attend|keep the diagonal", None),
-    ("ch02.causal_mask", lambda n: _ti(n, n), "dtype", None),
-    ("ch02.cross_attention", _cross("roles"), "one row per query|has shape", None),
-    ("ch02.cross_attention", _cross("sqrt E"), "not by x's width", None),
-    ("ch02.cross_attention", _cross("no scale"), "divide the scores by sqrt\\(d\\)", None),
-    ("ch02.cross_attention", _cross("kv swapped"), "keys use W_k", None),
-    ("ch02.cross_attention", _cross("untransposed"), "x @ W_q.T", None),
-    ("ch02.cross_attention", _cross("dim"), "over the keys", None),
-    ("ch02.attentive_decoder_step", _decoder("no mask"), "padding got weight", None),
-    ("ch02.attentive_decoder_step", _decoder("inverted"), "inverted", None),
-    ("ch02.attentive_decoder_step", _decoder("no scale"), "1 / sqrt\\(H\\)", None),
-    ("ch02.attentive_decoder_step", _decoder("order"), "in that order", None),
-    ("ch02.attentive_decoder_step", _decoder("no bias"), "add the bias", None),
-    ("ch02.attentive_decoder_step", _decoder("mean"), "not their mean|padding got weight", None),
-    ("ch02.attentive_decoder_step", _decoder("3-D weights"), "squeeze", None),
+    ("seq2seq.padding_mask", lambda n, m: torch.arange(m)[None, :] >= n[:, None], "True marks the real tokens", None),
+    ("seq2seq.padding_mask", lambda n, m: torch.arange(m)[None, :] <= n[:, None], "use <, not <=", None),
+    ("seq2seq.padding_mask", lambda n, m: (torch.arange(m)[None, :] < n[:, None]).float(), "dtype", None),
+    ("seq2seq.padding_mask", lambda n, m: torch.arange(m)[:, None] < n[None, :], "has shape", None),
+    ("seq2seq.causal_mask", lambda n: torch.ones(n, n, dtype=torch.bool).triu(), "lower triangle", None),
+    ("seq2seq.causal_mask", lambda n: torch.ones(n, n, dtype=torch.bool).tril(-1), "keep the diagonal", None),
+    ("seq2seq.causal_mask", lambda n: torch.ones(n, n, dtype=torch.bool).triu(1), "may attend|keep the diagonal", None),
+    ("seq2seq.causal_mask", lambda n: _ti(n, n), "dtype", None),
+    ("seq2seq.cross_attention", _cross("roles"), "one row per query|has shape", None),
+    ("seq2seq.cross_attention", _cross("sqrt E"), "not by x's width", None),
+    ("seq2seq.cross_attention", _cross("no scale"), "divide the scores by sqrt\\(d\\)", None),
+    ("seq2seq.cross_attention", _cross("kv swapped"), "keys use W_k", None),
+    ("seq2seq.cross_attention", _cross("untransposed"), "x @ W_q.T", None),
+    ("seq2seq.cross_attention", _cross("dim"), "over the keys", None),
+    ("seq2seq.attentive_decoder_step", _decoder("no mask"), "padding got weight", None),
+    ("seq2seq.attentive_decoder_step", _decoder("inverted"), "inverted", None),
+    ("seq2seq.attentive_decoder_step", _decoder("no scale"), "1 / sqrt\\(H\\)", None),
+    ("seq2seq.attentive_decoder_step", _decoder("order"), "in that order", None),
+    ("seq2seq.attentive_decoder_step", _decoder("no bias"), "add the bias", None),
+    ("seq2seq.attentive_decoder_step", _decoder("mean"), "not their mean|padding got weight", None),
+    ("seq2seq.attentive_decoder_step", _decoder("3-D weights"), "squeeze", None),
     # chapter 3
-    ("ch03.gumbel_softmax", _gumbel("-log u"), "not -log\\(u\\)", None),
-    ("ch03.gumbel_softmax", _gumbel("sign"), "check the sign", None),
-    ("ch03.gumbel_softmax", _gumbel("no tau"), "by the temperature tau before", None),
-    ("ch03.gumbel_softmax", _gumbel("times tau"), "do not multiply", None),
-    ("ch03.gumbel_softmax", _gumbel("logits only"), "not the logits alone", None),
-    ("ch03.gumbel_softmax", _gumbel("dim 0"), "last axis", None),
-    ("ch03.gumbel_softmax", _gumbel("no noise"), "add the Gumbel noise", None),
-    ("ch03.straight_through_gumbel", _straight_through("soft"), "that is the soft sample", None),
-    ("ch03.straight_through_gumbel", _straight_through("hard only"), "no gradient reaches the logits", None),
-    ("ch03.straight_through_gumbel", _straight_through("no detach"), "gradient is zero", None),
-    ("ch03.straight_through_gumbel", _straight_through("argmax of logits"), "not of the logits", None),
-    ("ch03.straight_through_gumbel", _straight_through("no tau in the gradient"), "temperature is missing", None),
-    ("ch03.straight_through_gumbel", _straight_through("long"), "dtype", None),
-    ("ch03.reinforce_surrogate", _reinforce("detached log_probs"), "no gradient reaches log_probs", None),
-    ("ch03.reinforce_surrogate", _reinforce("losses not detached"), "flows into the losses", None),
-    ("ch03.reinforce_surrogate", _reinforce("no baseline"), "subtract the baseline", None),
-    ("ch03.reinforce_surrogate", _reinforce("sign"), "check the sign", None),
-    ("ch03.reinforce_surrogate", _reinforce("sum"), "not the sum", None),
-    ("ch03.reinforce_surrogate", _reinforce("probabilities"), "use the log-probabilities", None),
-    ("ch03.local_p_weights", _local_p("no gaussian"), "also scales the window softmax", None),
-    ("ch03.local_p_weights", _local_p("unrounded window"), "round the centre", None),
-    ("ch03.local_p_weights", _local_p("gaussian on round"), "on p_t itself", None),
-    ("ch03.local_p_weights", _local_p("sigma = D"), "sigma = window / 2, not window", None),
-    ("ch03.local_p_weights", _local_p("no window"), "covers only the window", None),
-    ("ch03.local_p_weights", _local_p("renormalised"), "do not renormalise", None),
-    ("ch03.conv_receptive_field", lambda n, k, d: n * k, "overlap", None),
-    ("ch03.conv_receptive_field", lambda n, k, d: 1 + n * (k - 1), "multiply the growth by d", None),
-    ("ch03.conv_receptive_field", lambda n, k, d: n * (k - 1) * d, "own position", None),
-    ("ch03.conv_receptive_field", lambda n, k, d: 1 + (k - 1) * sum(d**i for i in range(n)), "not d \\*\\* layer", None),
+    ("variants.gumbel_softmax", _gumbel("-log u"), "not -log\\(u\\)", None),
+    ("variants.gumbel_softmax", _gumbel("sign"), "check the sign", None),
+    ("variants.gumbel_softmax", _gumbel("no tau"), "by the temperature tau before", None),
+    ("variants.gumbel_softmax", _gumbel("times tau"), "do not multiply", None),
+    ("variants.gumbel_softmax", _gumbel("logits only"), "not the logits alone", None),
+    ("variants.gumbel_softmax", _gumbel("dim 0"), "last axis", None),
+    ("variants.gumbel_softmax", _gumbel("no noise"), "add the Gumbel noise", None),
+    ("variants.straight_through_gumbel", _straight_through("soft"), "that is the soft sample", None),
+    ("variants.straight_through_gumbel", _straight_through("hard only"), "no gradient reaches the logits", None),
+    ("variants.straight_through_gumbel", _straight_through("no detach"), "gradient is zero", None),
+    ("variants.straight_through_gumbel", _straight_through("argmax of logits"), "not of the logits", None),
+    ("variants.straight_through_gumbel", _straight_through("no tau in the gradient"), "temperature is missing", None),
+    ("variants.straight_through_gumbel", _straight_through("long"), "dtype", None),
+    ("variants.reinforce_surrogate", _reinforce("detached log_probs"), "no gradient reaches log_probs", None),
+    ("variants.reinforce_surrogate", _reinforce("losses not detached"), "flows into the losses", None),
+    ("variants.reinforce_surrogate", _reinforce("no baseline"), "subtract the baseline", None),
+    ("variants.reinforce_surrogate", _reinforce("sign"), "check the sign", None),
+    ("variants.reinforce_surrogate", _reinforce("sum"), "not the sum", None),
+    ("variants.reinforce_surrogate", _reinforce("probabilities"), "use the log-probabilities", None),
+    ("variants.local_p_weights", _local_p("no gaussian"), "also scales the window softmax", None),
+    ("variants.local_p_weights", _local_p("unrounded window"), "round the centre", None),
+    ("variants.local_p_weights", _local_p("gaussian on round"), "on p_t itself", None),
+    ("variants.local_p_weights", _local_p("sigma = D"), "sigma = window / 2, not window", None),
+    ("variants.local_p_weights", _local_p("no window"), "covers only the window", None),
+    ("variants.local_p_weights", _local_p("renormalised"), "do not renormalise", None),
+    ("variants.conv_receptive_field", lambda n, k, d: n * k, "overlap", None),
+    ("variants.conv_receptive_field", lambda n, k, d: 1 + n * (k - 1), "multiply the growth by d", None),
+    ("variants.conv_receptive_field", lambda n, k, d: n * (k - 1) * d, "own position", None),
+    ("variants.conv_receptive_field", lambda n, k, d: 1 + (k - 1) * sum(d**i for i in range(n)), "not d \\*\\* layer", None),
     # chapter 4
-    ("ch04.split_heads", lambda x, h: x.reshape(x.shape[0], x.shape[1], h, -1), "transpose\\(1, 2\\)", None),
-    ("ch04.split_heads", lambda x, h: x.reshape(x.shape[0], h, x.shape[1], -1), "mixes positions and heads", None),
-    ("ch04.split_heads", lambda x, h: x.reshape(x.shape[0], x.shape[1], -1, h).permute(0, 3, 1, 2), "contiguous features", None),
-    ("ch04.merge_heads", lambda x: x.reshape(x.shape[0], x.shape[2], -1), "transpose back", None),
-    ("ch04.merge_heads", lambda x: x.permute(0, 2, 3, 1).reshape(x.shape[0], x.shape[2], -1), "keep each head's d features together", None),
-    ("ch04.masks_from_torch", lambda a, p: a[None, None] | p[:, None, None], "invert both masks", None),
-    ("ch04.masks_from_torch", lambda a, p: (~a)[None, None] & p[:, None, None], "invert the key_padding_mask too", None),
-    ("ch04.masks_from_torch", lambda a, p: a[None, None] & (~p)[:, None, None], "invert the attn_mask too", None),
-    ("ch04.masks_from_torch", lambda a, p: (~a)[None, None] | (~p)[:, None, None], "BOTH masks", None),
-    ("ch04.masks_from_torch", lambda a, p: (~a)[None] & (~p)[:, None], "add a head axis", None),
-    ("ch04.multihead_forward", _mha("sqrt E"), "not sqrt\\(E\\)", None),
-    ("ch04.multihead_forward", _mha("split no transpose"), "mixes positions and heads", None),
-    ("ch04.multihead_forward", _mha("merge no transpose"), "side by side", None),
-    ("ch04.multihead_forward", _mha("no W_o"), "output projection W_o", None),
-    ("ch04.multihead_forward", _mha("untransposed"), "x @ W.T", None),
-    ("ch04.multihead_forward", _mha("dim"), "over the keys", None),
-    ("ch04.multihead_forward", _mha("one head"), "split into num_heads heads", None),
-    ("ch04.mha_parameter_count", lambda E, H, k, v, b: 3 * E * E + (3 * E if b else 0), "output projection", None),
-    ("ch04.mha_parameter_count", lambda E, H, k, v, b: E * (2 * E + k + v), "bias of size E", None),
-    ("ch04.mha_parameter_count", lambda E, H, k, v, b: E * (2 * E + k + v) + 4 * E, "no biases at all", None),
-    ("ch04.mha_parameter_count", lambda E, H, k, v, b: 4 * E * E + (4 * E if b else 0), "maps kdim", None),
-    ("ch04.mha_parameter_count", lambda E, H, k, v, b: H * (E * (2 * E + k + v) + (4 * E if b else 0)), "does not change the count", None),
-    ("ch04.kv_cache_bytes", lambda n, g, d, L, B, s: n * g * d * L * B * s, "keys AND values", None),
-    ("ch04.kv_cache_bytes", lambda n, g, d, L, B, s: 2 * g * d * L * B * s, "num_layers", None),
-    ("ch04.kv_cache_bytes", lambda n, g, d, L, B, s: 2 * n * g * d * L * s, "batch_size", None),
-    ("ch04.kv_cache_bytes", lambda n, g, d, L, B, s: 2 * n * g * d * L * B, "bytes_per_value", None),
+    ("multihead.split_heads", lambda x, h: x.reshape(x.shape[0], x.shape[1], h, -1), "transpose\\(1, 2\\)", None),
+    ("multihead.split_heads", lambda x, h: x.reshape(x.shape[0], h, x.shape[1], -1), "mixes positions and heads", None),
+    ("multihead.split_heads", lambda x, h: x.reshape(x.shape[0], x.shape[1], -1, h).permute(0, 3, 1, 2), "contiguous features", None),
+    ("multihead.merge_heads", lambda x: x.reshape(x.shape[0], x.shape[2], -1), "transpose back", None),
+    ("multihead.merge_heads", lambda x: x.permute(0, 2, 3, 1).reshape(x.shape[0], x.shape[2], -1), "keep each head's d features together", None),
+    ("multihead.masks_from_torch", lambda a, p: a[None, None] | p[:, None, None], "invert both masks", None),
+    ("multihead.masks_from_torch", lambda a, p: (~a)[None, None] & p[:, None, None], "invert the key_padding_mask too", None),
+    ("multihead.masks_from_torch", lambda a, p: a[None, None] & (~p)[:, None, None], "invert the attn_mask too", None),
+    ("multihead.masks_from_torch", lambda a, p: (~a)[None, None] | (~p)[:, None, None], "BOTH masks", None),
+    ("multihead.masks_from_torch", lambda a, p: (~a)[None] & (~p)[:, None], "add a head axis", None),
+    ("multihead.multihead_forward", _mha("sqrt E"), "not sqrt\\(E\\)", None),
+    ("multihead.multihead_forward", _mha("split no transpose"), "mixes positions and heads", None),
+    ("multihead.multihead_forward", _mha("merge no transpose"), "side by side", None),
+    ("multihead.multihead_forward", _mha("no W_o"), "output projection W_o", None),
+    ("multihead.multihead_forward", _mha("untransposed"), "x @ W.T", None),
+    ("multihead.multihead_forward", _mha("dim"), "over the keys", None),
+    ("multihead.multihead_forward", _mha("one head"), "split into num_heads heads", None),
+    ("multihead.mha_parameter_count", lambda E, H, k, v, b: 3 * E * E + (3 * E if b else 0), "output projection", None),
+    ("multihead.mha_parameter_count", lambda E, H, k, v, b: E * (2 * E + k + v), "bias of size E", None),
+    ("multihead.mha_parameter_count", lambda E, H, k, v, b: E * (2 * E + k + v) + 4 * E, "no biases at all", None),
+    ("multihead.mha_parameter_count", lambda E, H, k, v, b: 4 * E * E + (4 * E if b else 0), "maps kdim", None),
+    ("multihead.mha_parameter_count", lambda E, H, k, v, b: H * (E * (2 * E + k + v) + (4 * E if b else 0)), "does not change the count", None),
+    ("multihead.kv_cache_bytes", lambda n, g, d, L, B, s: n * g * d * L * B * s, "keys AND values", None),
+    ("multihead.kv_cache_bytes", lambda n, g, d, L, B, s: 2 * g * d * L * B * s, "num_layers", None),
+    ("multihead.kv_cache_bytes", lambda n, g, d, L, B, s: 2 * n * g * d * L * s, "batch_size", None),
+    ("multihead.kv_cache_bytes", lambda n, g, d, L, B, s: 2 * n * g * d * L * B, "bytes_per_value", None),
     # chapter 5
-    ("ch05.sinusoidal_encoding", _sin("swapped"), "sine goes in the even columns", None),
-    ("ch05.sinusoidal_encoding", _sin("i/d"), "2i/dim", None),
-    ("ch05.sinusoidal_encoding", _sin("halves"), "interleave", None),
-    ("ch05.sinusoidal_encoding", _sin("from 1"), "positions start at 0", None),
-    ("ch05.apply_rope", _rope("direction"), "rotate the wrong way", None),
-    ("ch05.apply_rope", _rope("halves"), "interleaved", None),
-    ("ch05.apply_rope", _rope("i/d"), "10000\\*\\*\\(-2i/d\\)", None),
-    ("ch05.apply_rope", _rope("sequential"), "OLD pair", None),
-    ("ch05.apply_rope", _rope("arange"), "positions you are given", None),
-    ("ch05.rope_scores", _rope_scores("q only"), "rotate k too", None),
-    ("ch05.rope_scores", _rope_scores("k only"), "rotate q too", None),
-    ("ch05.rope_scores", _rope_scores("sign"), "m \\+ n", None),
-    ("ch05.rope_scores", _rope_scores("no scale"), "1 / sqrt\\(d\\)", None),
-    ("ch05.rope_scores", _rope_scores("arange"), "decoding step", None),
-    ("ch05.rope_scores", _rope_scores("swapped positions"), "rotate q by q_positions", None),
-    ("ch05.rope_scores", _rope_scores("halves"), "rotate-half", None),
-    ("ch05.alibi_slopes", lambda n: torch.tensor([2 ** (-8 * (k + 1) / n) for k in range(n)]), "not a power of two", None),
-    ("ch05.alibi_slopes", lambda n: torch.tensor([2 ** (-8 * k / n) for k in range(n)]), "count k from 1", None),
-    ("ch05.alibi_slopes", lambda n: torch.arange(n), "dtype", None),
-    ("ch05.relative_position_index", lambda a, b, k: (torch.arange(a)[:, None] - torch.arange(b)[None, :]).clamp(-k, k) + k, "j - i", None),
-    ("ch05.relative_position_index", lambda a, b, k: torch.arange(b)[None, :] - torch.arange(a)[:, None] + k, "clip the distance", None),
-    ("ch05.relative_position_index", lambda a, b, k: (torch.arange(b)[None, :] - torch.arange(a)[:, None]).clamp(-k, k), "add max_distance", None),
-    ("ch05.relative_position_index", lambda a, b, k: torch.zeros(a, b), "integer tensor", None),
+    ("positional.sinusoidal_encoding", _sin("swapped"), "sine goes in the even columns", None),
+    ("positional.sinusoidal_encoding", _sin("i/d"), "2i/dim", None),
+    ("positional.sinusoidal_encoding", _sin("halves"), "interleave", None),
+    ("positional.sinusoidal_encoding", _sin("from 1"), "positions start at 0", None),
+    ("positional.apply_rope", _rope("direction"), "rotate the wrong way", None),
+    ("positional.apply_rope", _rope("halves"), "interleaved", None),
+    ("positional.apply_rope", _rope("i/d"), "10000\\*\\*\\(-2i/d\\)", None),
+    ("positional.apply_rope", _rope("sequential"), "OLD pair", None),
+    ("positional.apply_rope", _rope("arange"), "positions you are given", None),
+    ("positional.rope_scores", _rope_scores("q only"), "rotate k too", None),
+    ("positional.rope_scores", _rope_scores("k only"), "rotate q too", None),
+    ("positional.rope_scores", _rope_scores("sign"), "m \\+ n", None),
+    ("positional.rope_scores", _rope_scores("no scale"), "1 / sqrt\\(d\\)", None),
+    ("positional.rope_scores", _rope_scores("arange"), "decoding step", None),
+    ("positional.rope_scores", _rope_scores("swapped positions"), "rotate q by q_positions", None),
+    ("positional.rope_scores", _rope_scores("halves"), "rotate-half", None),
+    ("positional.alibi_slopes", lambda n: torch.tensor([2 ** (-8 * (k + 1) / n) for k in range(n)]), "not a power of two", None),
+    ("positional.alibi_slopes", lambda n: torch.tensor([2 ** (-8 * k / n) for k in range(n)]), "count k from 1", None),
+    ("positional.alibi_slopes", lambda n: torch.arange(n), "dtype", None),
+    ("positional.relative_position_index", lambda a, b, k: (torch.arange(a)[:, None] - torch.arange(b)[None, :]).clamp(-k, k) + k, "j - i", None),
+    ("positional.relative_position_index", lambda a, b, k: torch.arange(b)[None, :] - torch.arange(a)[:, None] + k, "clip the distance", None),
+    ("positional.relative_position_index", lambda a, b, k: (torch.arange(b)[None, :] - torch.arange(a)[:, None]).clamp(-k, k), "add max_distance", None),
+    ("positional.relative_position_index", lambda a, b, k: torch.zeros(a, b), "integer tensor", None),
     # chapter 6
-    ("ch06.dilated_window_mask", lambda L, w, r: ((torch.arange(L)[:, None] - torch.arange(L)).abs() <= w) & ((torch.arange(L)[:, None] - torch.arange(L)) % r == 0), "window \\* dilation positions", None),
-    ("ch06.dilated_window_mask", lambda L, w, r: (torch.arange(L)[:, None] - torch.arange(L)).abs() <= w * r, "every dilation-th key", None),
-    ("ch06.dilated_window_mask", lambda L, w, r: ((torch.arange(L)[:, None] - torch.arange(L)) >= 0) & ((torch.arange(L)[:, None] - torch.arange(L)) <= w * r) & ((torch.arange(L)[:, None] - torch.arange(L)) % r == 0), "both sides", None),
-    ("ch06.dilated_window_mask", lambda L, w, r: ((torch.arange(L)[:, None] - torch.arange(L)).abs() < w * r) & ((torch.arange(L)[:, None] - torch.arange(L)) % r == 0), "<=, not <", None),
-    ("ch06.band_pairs", lambda L, w: L * (2 * min(w, L - 1) + 1), "fewer than 2w \\+ 1", None),
-    ("ch06.band_pairs", lambda L, w: L * 2 * min(w, L - 1) - min(w, L - 1) * (min(w, L - 1) + 1), "itself", None),
-    ("ch06.band_pairs", lambda L, w: L * (2 * min(w, L - 1) + 1) - min(w, L - 1) * (min(w, L - 1) + 1) // 2, "both ends", None),
-    ("ch06.band_pairs", lambda L, w: L * (2 * w + 1) - w * (w + 1), "cap it at L - 1", None),
-    ("ch06.bigbird_kept_blocks", lambda n, g: 3 * n - 2 + 2 * g * n, "the band overlaps", None),
-    ("ch06.bigbird_kept_blocks", lambda n, g: 2 * g * n + (3 * (n - g) - 2 if n - g >= 2 else n - g), "share g \\* g", None),
-    ("ch06.bigbird_kept_blocks", lambda n, g: 2 * g * n - g * g + 3 * (n - g), "2 neighbours", None),
-    ("ch06.topk_attention", _topk("dense"), "attend to every key", None),
-    ("ch06.topk_attention", _topk("smallest"), "LARGEST", None),
-    ("ch06.topk_attention", _topk("strict"), "k - 1", None),
-    ("ch06.topk_attention", _topk("no scale"), "1 / sqrt\\(d\\)", None),
-    ("ch06.topk_attention", _topk("no min"), "min\\(k, L\\)", None),
-    ("ch06.banded_attention", _banded("dense"), "never build an L x L tensor", None),
-    ("ch06.banded_attention", _banded("padding"), "padding at the two ends is not a key", None),
-    ("ch06.banded_attention", _banded("all keys"), "every key", None),
-    ("ch06.banded_attention", _banded("causal"), "both sides", None),
-    ("ch06.banded_attention", _banded("strict"), "<=, not <", None),
-    ("ch06.banded_attention", _banded("no scale"), "1 / sqrt\\(d\\)", None),
-    ("ch06.performer_attention", _favor("quadratic"), "never build an L x L tensor", None),
-    ("ch06.performer_attention", _favor("no normaliser"), "normaliser", None),
-    ("ch06.performer_attention", _favor("no norm"), "-\\|x\\|\\^2 / 2", None),
-    ("ch06.performer_attention", _favor("no scale"), "d\\*\\*-0.25 each", None),
-    ("ch06.performer_attention", _favor("query only"), "BOTH", None),
-    ("ch06.performer_attention", _favor("untransposed"), "x @ omega.T", None),
+    ("sparse.dilated_window_mask", lambda L, w, r: ((torch.arange(L)[:, None] - torch.arange(L)).abs() <= w) & ((torch.arange(L)[:, None] - torch.arange(L)) % r == 0), "window \\* dilation positions", None),
+    ("sparse.dilated_window_mask", lambda L, w, r: (torch.arange(L)[:, None] - torch.arange(L)).abs() <= w * r, "every dilation-th key", None),
+    ("sparse.dilated_window_mask", lambda L, w, r: ((torch.arange(L)[:, None] - torch.arange(L)) >= 0) & ((torch.arange(L)[:, None] - torch.arange(L)) <= w * r) & ((torch.arange(L)[:, None] - torch.arange(L)) % r == 0), "both sides", None),
+    ("sparse.dilated_window_mask", lambda L, w, r: ((torch.arange(L)[:, None] - torch.arange(L)).abs() < w * r) & ((torch.arange(L)[:, None] - torch.arange(L)) % r == 0), "<=, not <", None),
+    ("sparse.band_pairs", lambda L, w: L * (2 * min(w, L - 1) + 1), "fewer than 2w \\+ 1", None),
+    ("sparse.band_pairs", lambda L, w: L * 2 * min(w, L - 1) - min(w, L - 1) * (min(w, L - 1) + 1), "itself", None),
+    ("sparse.band_pairs", lambda L, w: L * (2 * min(w, L - 1) + 1) - min(w, L - 1) * (min(w, L - 1) + 1) // 2, "both ends", None),
+    ("sparse.band_pairs", lambda L, w: L * (2 * w + 1) - w * (w + 1), "cap it at L - 1", None),
+    ("sparse.bigbird_kept_blocks", lambda n, g: 3 * n - 2 + 2 * g * n, "the band overlaps", None),
+    ("sparse.bigbird_kept_blocks", lambda n, g: 2 * g * n + (3 * (n - g) - 2 if n - g >= 2 else n - g), "share g \\* g", None),
+    ("sparse.bigbird_kept_blocks", lambda n, g: 2 * g * n - g * g + 3 * (n - g), "2 neighbours", None),
+    ("sparse.topk_attention", _topk("dense"), "attend to every key", None),
+    ("sparse.topk_attention", _topk("smallest"), "LARGEST", None),
+    ("sparse.topk_attention", _topk("strict"), "k - 1", None),
+    ("sparse.topk_attention", _topk("no scale"), "1 / sqrt\\(d\\)", None),
+    ("sparse.topk_attention", _topk("no min"), "min\\(k, L\\)", None),
+    ("sparse.banded_attention", _banded("dense"), "never build an L x L tensor", None),
+    ("sparse.banded_attention", _banded("padding"), "padding at the two ends is not a key", None),
+    ("sparse.banded_attention", _banded("all keys"), "every key", None),
+    ("sparse.banded_attention", _banded("causal"), "both sides", None),
+    ("sparse.banded_attention", _banded("strict"), "<=, not <", None),
+    ("sparse.banded_attention", _banded("no scale"), "1 / sqrt\\(d\\)", None),
+    ("sparse.performer_attention", _favor("quadratic"), "never build an L x L tensor", None),
+    ("sparse.performer_attention", _favor("no normaliser"), "normaliser", None),
+    ("sparse.performer_attention", _favor("no norm"), "-\\|x\\|\\^2 / 2", None),
+    ("sparse.performer_attention", _favor("no scale"), "d\\*\\*-0.25 each", None),
+    ("sparse.performer_attention", _favor("query only"), "BOTH", None),
+    ("sparse.performer_attention", _favor("untransposed"), "x @ omega.T", None),
     # chapter 9
-    ("ch09.lm_targets", _targets("no shift"), "shift by one", None),
-    ("ch09.lm_targets", _targets("backwards"), "the other way", None),
-    ("ch09.lm_targets", _targets("prompt kept"), "ignore the prompt", None),
-    ("ch09.lm_targets", _targets("late start"), "prompt_length - 1", None),
-    ("ch09.lm_targets", _targets("roll"), "wraps", None),
-    ("ch09.lm_targets", _targets("zeros"), "not 0", None),
-    ("ch09.attention_rollout", _rollout("no residual"), "residual connection", None),
-    ("ch09.attention_rollout", _rollout("right"), "on the left", None),
-    ("ch09.attention_rollout", _rollout("no renormalisation"), "renormalise each row", None),
-    ("ch09.attention_rollout", _rollout("renormalise first"), "AFTER adding the identity", None),
-    ("ch09.attention_rollout", _rollout("elementwise"), "matrix product", None),
-    ("ch09.rollout_with_residual", _rollout_residual("swap"), "weight of the identity", None),
-    ("ch09.rollout_with_residual", _rollout_residual("per head"), "average the heads first", None),
-    ("ch09.rollout_with_residual", _rollout_residual("sum"), "do not sum them", None),
-    ("ch09.rollout_with_residual", _rollout_residual("no renormalisation"), "renormalise the rows", None),
-    ("ch09.rollout_with_residual", _rollout_residual("right"), "on the left", None),
-    ("ch09.transformer_parameters", lambda V, d, n, r: V * d + n * (4 * d * d + 4 * d + 2 * r * d * d + r * d + d) + d * V + V, "LayerNorms", None),
-    ("ch09.transformer_parameters", lambda V, d, n, r: solution("ch09.transformer_parameters")(V, d, n, r) - 2 * d, "final LayerNorm", None),
-    ("ch09.transformer_parameters", lambda V, d, n, r: solution("ch09.transformer_parameters")(V, d, n, r) - d * V - V, "output head", None),
-    ("ch09.transformer_parameters", lambda V, d, n, r: solution("ch09.transformer_parameters")(V, d, n, r) - n * 4 * d, "attention projections", None),
-    ("ch09.transformer_parameters", lambda V, d, n, r: solution("ch09.transformer_parameters")(V, d, n, r) - n * (r * d + d), "MLP's biases", None),
-    ("ch09.transformer_parameters", lambda V, d, n, r: solution("ch09.transformer_parameters")(V, d, n, 1), "mlp_ratio", None),
+    ("transformer.lm_targets", _targets("no shift"), "shift by one", None),
+    ("transformer.lm_targets", _targets("backwards"), "the other way", None),
+    ("transformer.lm_targets", _targets("prompt kept"), "ignore the prompt", None),
+    ("transformer.lm_targets", _targets("late start"), "prompt_length - 1", None),
+    ("transformer.lm_targets", _targets("roll"), "wraps", None),
+    ("transformer.lm_targets", _targets("zeros"), "not 0", None),
+    ("interpret.attention_rollout", _rollout("no residual"), "residual connection", None),
+    ("interpret.attention_rollout", _rollout("right"), "on the left", None),
+    ("interpret.attention_rollout", _rollout("no renormalisation"), "renormalise each row", None),
+    ("interpret.attention_rollout", _rollout("renormalise first"), "AFTER adding the identity", None),
+    ("interpret.attention_rollout", _rollout("elementwise"), "matrix product", None),
+    ("interpret.rollout_with_residual", _rollout_residual("swap"), "weight of the identity", None),
+    ("interpret.rollout_with_residual", _rollout_residual("per head"), "average the heads first", None),
+    ("interpret.rollout_with_residual", _rollout_residual("sum"), "do not sum them", None),
+    ("interpret.rollout_with_residual", _rollout_residual("no renormalisation"), "renormalise the rows", None),
+    ("interpret.rollout_with_residual", _rollout_residual("right"), "on the left", None),
+    ("transformer.transformer_parameters", lambda V, d, n, r: V * d + n * (4 * d * d + 4 * d + 2 * r * d * d + r * d + d) + d * V + V, "LayerNorms", None),
+    ("transformer.transformer_parameters", lambda V, d, n, r: solution("transformer.transformer_parameters")(V, d, n, r) - 2 * d, "final LayerNorm", None),
+    ("transformer.transformer_parameters", lambda V, d, n, r: solution("transformer.transformer_parameters")(V, d, n, r) - d * V - V, "output head", None),
+    ("transformer.transformer_parameters", lambda V, d, n, r: solution("transformer.transformer_parameters")(V, d, n, r) - n * 4 * d, "attention projections", None),
+    ("transformer.transformer_parameters", lambda V, d, n, r: solution("transformer.transformer_parameters")(V, d, n, r) - n * (r * d + d), "MLP's biases", None),
+    ("transformer.transformer_parameters", lambda V, d, n, r: solution("transformer.transformer_parameters")(V, d, n, 1), "mlp_ratio", None),
 ]
 
 
@@ -877,7 +891,8 @@ def test_every_listed_mistake_is_rejected_with_a_hint_that_names_it(name, wrong,
 
 def test_every_exercise_of_chapters_one_to_six_and_nine_has_listed_mistakes():
     for name in NAMES:
-        if name[:4] in {"ch01", "ch02", "ch03", "ch04", "ch05", "ch06", "ch09"}:
+        if name.split(".")[0] in {"basics", "seq2seq", "variants", "multihead", "positional", "sparse",
+                                  "transformer", "interpret"}:
             assert sum(row[0] == name for row in WRONG) >= 2, name
 
 
@@ -891,14 +906,14 @@ def test_a_right_answer_in_another_style_passes(capsys):
         return torch.from_numpy(np.divide(e, total, out=np.zeros_like(e), where=total > 0))
 
     def sdpa_list(q, k, v, mask=None):
-        out, w = solution("ch01.scaled_dot_product_attention")(q.double(), k.double(), v.double(), mask)
+        out, w = solution("basics.scaled_dot_product_attention")(q.double(), k.double(), v.double(), mask)
         return [out.float(), w.float()]
 
     def split_view(x, h):
         return x.view(x.shape[0], x.shape[1], h, -1).permute(0, 2, 1, 3)
 
     def band_pairs_float(L, w):
-        return float(solution("ch06.band_pairs")(L, w))
+        return float(solution("sparse.band_pairs")(L, w))
 
     def fit_with_sgd(x, y, xv, yv, steps, lr):
         log_h = torch.zeros((), requires_grad=True)
@@ -910,10 +925,10 @@ def test_a_right_answer_in_another_style_passes(capsys):
             opt.step()
         return log_h.exp()                       # a 0-d tensor that requires grad
 
-    for name, fn in (("ch01.masked_softmax", masked_softmax_numpy),
-                     ("ch01.scaled_dot_product_attention", sdpa_list), ("ch04.split_heads", split_view),
-                     ("ch06.band_pairs", band_pairs_float), ("ch01.fit_bandwidth", fit_with_sgd),
-                     ("ch06.banded_attention", _banded_loop)):
+    for name, fn in (("basics.masked_softmax", masked_softmax_numpy),
+                     ("basics.scaled_dot_product_attention", sdpa_list), ("multihead.split_heads", split_view),
+                     ("sparse.band_pairs", band_pairs_float), ("basics.fit_bandwidth", fit_with_sgd),
+                     ("sparse.banded_attention", _banded_loop)):
         assert check(name, fn) is True, capsys.readouterr().out
 
 
@@ -929,20 +944,20 @@ def _banded_loop(q, k, v, w):
 
 def test_hints_are_given_only_when_they_distinguish_the_mistake(capsys):
     # at bandwidth 1 the kernel variants equal the right kernel: no kernel hint for a wrong prediction
-    assert check("ch01.nadaraya_watson", _nw_bad_prediction) is False
+    assert check("basics.nadaraya_watson", _nw_bad_prediction) is False
     out = capsys.readouterr().out
     assert "test 1 of" in out and "Hint: the weights are right" in out
     # NaN is reported as NaN, never as "rows must sum to 1"
-    assert check("ch01.nadaraya_watson", _nw_naive) is False
+    assert check("basics.nadaraya_watson", _nw_naive) is False
     assert "sum to 1" not in capsys.readouterr().out
     # an inverted mask is not told to normalise over the last axis
-    assert check("ch01.masked_softmax", lambda s, m: _sm(s, ~m).nan_to_num()) is False
+    assert check("basics.masked_softmax", lambda s, m: _sm(s, ~m).nan_to_num()) is False
     assert "last axis" not in capsys.readouterr().out
     # counts: got X, expected Y (off by Z), never "times that"
-    assert check("ch04.mha_parameter_count", lambda E, H, k, v, b: 16576) is False
+    assert check("multihead.mha_parameter_count", lambda E, H, k, v, b: 16576) is False
     out = capsys.readouterr().out
     assert "got 16,576, expected 16,640 (off by -64)" in out and "times that" not in out
-    assert check("ch04.kv_cache_bytes", lambda n, g, d, L, B, s: n * g * d * L * B * s) is False
+    assert check("multihead.kv_cache_bytes", lambda n, g, d, L, B, s: n * g * d * L * B * s) is False
     assert "2 times too small" in capsys.readouterr().out
 
 
@@ -1030,24 +1045,24 @@ def test_reassigning_package_functions_does_not_move_the_targets(monkeypatch, ca
     monkeypatch.setattr(attn_course.positional, "apply_rope", lambda x, p=None: x)
     monkeypatch.setattr(attn_course.multihead, "split_heads", lambda x, h: x)
     monkeypatch.setattr(attn_course.interpret, "attention_rollout", lambda w, residual=True: w[0])
-    for name in ("ch01.masked_softmax", "ch01.scaled_dot_product_attention", "ch02.cross_attention",
-                 "ch06.topk_attention", "ch06.banded_attention", "ch05.apply_rope", "ch05.rope_scores",
-                 "ch04.split_heads", "ch09.attention_rollout", "ch09.rollout_with_residual"):
+    for name in ("basics.masked_softmax", "basics.scaled_dot_product_attention", "seq2seq.cross_attention",
+                 "sparse.topk_attention", "sparse.banded_attention", "positional.apply_rope", "positional.rope_scores",
+                 "multihead.split_heads", "interpret.attention_rollout", "interpret.rollout_with_residual"):
         assert check(name, solution(name)) is True, capsys.readouterr().out
     # and the patched (wrong) functions are still rejected
-    assert check("ch01.masked_softmax", attn_course.basics.masked_softmax) is False
-    assert check("ch06.topk_attention", attn_course.sparse.topk_attention) is False
+    assert check("basics.masked_softmax", attn_course.basics.masked_softmax) is False
+    assert check("sparse.topk_attention", attn_course.sparse.topk_attention) is False
 
 
 def test_printed_output_is_captured_and_capped(capsys):
     def chatty(scores, mask):
         for i in range(20_000):
             print("line", i)
-        return solution("ch01.masked_softmax")(scores, mask)
+        return solution("basics.masked_softmax")(scores, mask)
 
-    assert check("ch01.masked_softmax", chatty) is True
+    assert check("basics.masked_softmax", chatty) is True
     out = capsys.readouterr().out
-    assert out.startswith("✅ ch01.masked_softmax")
+    assert out.startswith("✅ basics.masked_softmax")
     assert "printed" in out and "the first 2,000 are shown" in out
     assert len(out) < 3000
 
@@ -1066,11 +1081,11 @@ def _coverage_active() -> bool:
 @pytest.mark.skipif(_coverage_active(), reason="needs a run without coverage (make unit does one)")
 def test_a_sleep_past_the_time_limit_says_so_and_asks_for_a_restart(capsys):
     # a sleep long enough to outlast the limit and the grace period even on a busy machine
-    assert check("ch01.masked_softmax", lambda s, m: time.sleep(10), timeout=0.2) is False
+    assert check("basics.masked_softmax", lambda s, m: time.sleep(10), timeout=0.2) is False
     out = capsys.readouterr().out
     assert "did not finish within 0.2 s" in out
     assert "slow operation" in out and "sleep" in out and "restart the kernel" in out
-    assert check("ch01.masked_softmax", _loops_forever, timeout=0.2) is False
+    assert check("basics.masked_softmax", _loops_forever, timeout=0.2) is False
     out = capsys.readouterr().out
     assert "loop that never ends" in out and "restart the kernel" not in out
 
@@ -1107,7 +1122,7 @@ def _merge_unstable(out1, lse1, out2, lse2):
 
 
 def _merge_max_lse(out1, lse1, out2, lse2):
-    out, _ = solution("ch07.merge_attention")(out1, lse1, out2, lse2)
+    out, _ = solution("flash.merge_attention")(out1, lse1, out2, lse2)
     return out, torch.maximum(lse1, lse2)
 
 
@@ -1118,7 +1133,7 @@ def _merge_nan_when_both_empty(out1, lse1, out2, lse2):
 
 
 def _merge_in_float32(out1, lse1, out2, lse2):
-    out, lse = solution("ch07.merge_attention")(out1.float(), lse1.float(), out2.float(), lse2.float())
+    out, lse = solution("flash.merge_attention")(out1.float(), lse1.float(), out2.float(), lse2.float())
     return out.double(), lse.double()
 
 
@@ -1144,21 +1159,21 @@ def _skip_by_tile_index(L, bq, bk):
 
 
 @pytest.mark.parametrize("name, wrong, words", [
-    ("ch07.merge_attention", _merge_average, "not equally important"),
-    ("ch07.merge_attention", _merge_unstable, "overflows"),
-    ("ch07.merge_attention", _merge_max_lse, "logaddexp"),
-    ("ch07.flash_tile_step", _tile_no_rescale, "exp\\(m_old - m_new\\)"),
-    ("ch07.flash_tile_step", _tile_nan_on_masked_rows, "NaN"),
-    ("ch07.kv_bytes", lambda a, b, c, d, e, f, g: a * c * d * e * f * g, "AND values"),
-    ("ch07.kv_bytes", lambda a, b, c, d, e, f, g: 2 * a * b * d * e * f * g, "num_kv_heads"),
-    ("ch07.kv_bytes", lambda a, b, c, d, e, f, g: 2 * a * c * d * e * g, "batch_size"),
-    ("ch07.kv_bytes", lambda a, b, c, d, e, f, g: 2 * a * c * d * e * f, "bytes_per_value"),
-    ("ch07.kv_bytes", lambda a, b, c, d, e, f, g: 2 * a * (b // c) * d * e * f * g, "not num_heads // num_kv_heads"),
-    ("ch07.merge_attention", _merge_nan_when_both_empty, "NaN"),
-    ("ch07.causal_skipped_tiles", _skip_diagonal_too, "diagonal tiles are needed"),
-    ("ch07.causal_skipped_tiles", _skip_by_tile_index, "diagonal tiles are needed|compare positions"),
-    ("ch07.ring_source", lambda r, s, w: (r + s) % w, "rank r - s"),
-    ("ch07.ring_source", lambda r, s, w: r - s, "modulo"),
+    ("flash.merge_attention", _merge_average, "not equally important"),
+    ("flash.merge_attention", _merge_unstable, "overflows"),
+    ("flash.merge_attention", _merge_max_lse, "logaddexp"),
+    ("flash.flash_tile_step", _tile_no_rescale, "exp\\(m_old - m_new\\)"),
+    ("flash.flash_tile_step", _tile_nan_on_masked_rows, "NaN"),
+    ("serving.kv_bytes", lambda a, b, c, d, e, f, g: a * c * d * e * f * g, "AND values"),
+    ("serving.kv_bytes", lambda a, b, c, d, e, f, g: 2 * a * b * d * e * f * g, "num_kv_heads"),
+    ("serving.kv_bytes", lambda a, b, c, d, e, f, g: 2 * a * c * d * e * g, "batch_size"),
+    ("serving.kv_bytes", lambda a, b, c, d, e, f, g: 2 * a * c * d * e * f, "bytes_per_value"),
+    ("serving.kv_bytes", lambda a, b, c, d, e, f, g: 2 * a * (b // c) * d * e * f * g, "not num_heads // num_kv_heads"),
+    ("flash.merge_attention", _merge_nan_when_both_empty, "NaN"),
+    ("flash.causal_skipped_tiles", _skip_diagonal_too, "diagonal tiles are needed"),
+    ("flash.causal_skipped_tiles", _skip_by_tile_index, "diagonal tiles are needed|compare positions"),
+    ("distributed.ring_source", lambda r, s, w: (r + s) % w, "rank r - s"),
+    ("distributed.ring_source", lambda r, s, w: r - s, "modulo"),
 ])
 def test_chapter_seven_rejects_the_usual_mistakes(name, wrong, words, capsys):
     assert check(name, wrong) is False
@@ -1166,11 +1181,11 @@ def test_chapter_seven_rejects_the_usual_mistakes(name, wrong, words, capsys):
 
 
 def test_chapter_seven_accepts_a_float32_answer(capsys):
-    assert check("ch07.merge_attention", _merge_in_float32) is True
+    assert check("flash.merge_attention", _merge_in_float32) is True
 
 
 def test_chapter_seven_targets_do_not_move_when_the_package_is_patched(monkeypatch, capsys):
     import attn_course.flash
 
     monkeypatch.setattr(attn_course.flash, "merge_attention", lambda outs, lses: (outs[0], lses[0]))
-    assert check("ch07.merge_attention", solution("ch07.merge_attention")) is True
+    assert check("flash.merge_attention", solution("flash.merge_attention")) is True

@@ -1,4 +1,4 @@
-"""Chapter 7: online softmax, FlashAttention's tiles, paged and sink caches, ring attention.
+"""Exact attention in tiles: online softmax, FlashAttention's tiles, the log-sum-exp merge.
 
 References are independent of the code under test: torch's own SDPA, a float64
 dense softmax written here, and torch.logsumexp.
@@ -13,13 +13,6 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from attn_course import flash
-from attn_course.distributed import (
-    ring_attention,
-    ring_attention_profile,
-    ring_schedule,
-    run_ring_attention,
-)
-from attn_course.multihead import KVCache, PagedKVCache, SinkKVCache
 
 
 def dense64(q, k, v, mask=None):
@@ -182,98 +175,6 @@ def test_io_counts_follow_the_paper():
     assert flash.flash_hbm_bytes(4096, 64, 4 * 192 * 1024) < flash.flash_hbm_bytes(4096, 64, 192 * 1024)
 
 
-# --- paged and sink caches -----------------------------------------------------------------------
-
-@settings(max_examples=30, deadline=None)
-@given(block=st.integers(1, 6), chunks=st.lists(st.tuples(st.integers(0, 2), st.integers(1, 7)), min_size=1,
-                                                   max_size=8))
-def test_paged_cache_equals_a_contiguous_cache(block, chunks):
-    paged = PagedKVCache(64, block, 2, 3, dtype=torch.float64)
-    contiguous = {s: KVCache() for s in range(3)}
-    for i, (seq, n) in enumerate(chunks):
-        k, v = rand(1, 2, n, 3, seed=i), rand(1, 2, n, 3, seed=100 + i)
-        paged.append(seq, k[0], v[0])
-        contiguous[seq].append(k, v)
-    for seq, c in contiguous.items():
-        if c.length:
-            pk, pv = paged.gather(seq)
-            assert torch.equal(pk, c.key[0]) and torch.equal(pv, c.value[0])
-    u = paged.usage()
-    assert u["used_slots"] == sum(n for _, n in chunks)
-    assert 0 <= u["allocated_slots"] - u["used_slots"] < block * 3
-
-
-def test_paged_cache_frees_blocks_and_reports_a_full_pool():
-    c = PagedKVCache(3, 4, 1, 2)
-    c.append("a", torch.zeros(1, 9, 2), torch.zeros(1, 9, 2))
-    with pytest.raises(ValueError, match="free blocks"):
-        c.append("b", torch.zeros(1, 5, 2), torch.zeros(1, 5, 2))
-    c.free("a")
-    c.append("b", torch.ones(1, 12, 2), torch.ones(1, 12, 2))
-    assert c.usage()["fragmentation"] == 0.0 and torch.equal(c.gather("b")[0], torch.ones(1, 12, 2))
-    with pytest.raises(KeyError, match="unknown seq_id"):
-        c.gather("a")
-    with pytest.raises(ValueError, match="key must be"):
-        c.append("b", torch.zeros(2, 1, 2), torch.zeros(2, 1, 2))
-
-
-def test_sink_cache_keeps_sinks_and_the_window():
-    c = SinkKVCache(num_sinks=2, window=3)
-    for t in range(10):
-        c.append(torch.full((1, 1, 1, 1), float(t)), torch.full((1, 1, 1, 1), float(t)))
-    assert c.key.flatten().tolist() == [0, 1, 7, 8, 9] and c.seen == 10 and c.length == 5
-    with pytest.raises(ValueError, match="num_sinks"):
-        SinkKVCache(num_sinks=-1)
-
-
-# --- ring attention over torch.distributed -------------------------------------------------------
-
-def test_ring_schedule_passes_each_shard_to_every_rank_once():
-    for w in (1, 2, 3, 5):
-        sched = ring_schedule(w)
-        for r in range(w):
-            assert sorted(step[r] for step in sched) == list(range(w))
-        for s in range(1, w):  # what rank r holds at step s came from rank r - 1 at step s - 1
-            assert all(sched[s][r] == sched[s - 1][(r - 1) % w] for r in range(w))
-
-
-@pytest.mark.parametrize("world_size", [2, 3, 4])
-def test_ring_attention_over_local_processes_equals_dense(world_size):
-    L = 12 * world_size
-    q, k, v = rand(2, 2, L, 8), rand(2, 2, L, 8, seed=1), rand(2, 2, L, 5, seed=2)
-    for causal in (False, True):
-        out = run_ring_attention(q, k, v, world_size, is_causal=causal)
-        torch.testing.assert_close(out, F.scaled_dot_product_attention(q, k, v, is_causal=causal),
-                                   atol=1e-10, rtol=1e-10)
-
-
-def test_ring_profile_counts_bytes_and_causal_work():
-    W, L = 4, 32
-    q, k, v = rand(1, 2, L, 8), rand(1, 2, L, 8, seed=1), rand(1, 2, L, 8, seed=2)
-    out, stats = ring_attention_profile(q, k, v, W, is_causal=True)
-    torch.testing.assert_close(out, F.scaled_dot_product_attention(q, k, v, is_causal=True))
-    shard_bytes = 2 * (1 * 2 * (L // W) * 8 * 8)   # K and V shards, float64
-    assert [s["bytes_sent"] for s in stats] == [(W - 1) * shard_bytes] * W
-    assert [s["blocks_computed"] for s in stats] == [1, 2, 3, 4]   # the causal imbalance
-    assert all(s["comm_only_s"] > 0 and s["total_s"] > 0 for s in stats)
-
-
-def test_ring_attention_bad_input():
-    q = torch.randn(1, 1, 10, 4)
-    with pytest.raises(ValueError, match="world_size=3"):
-        run_ring_attention(q, q, q, 3)
-    with pytest.raises(ValueError, match="backend"):
-        run_ring_attention(q, q, q, 2, backend="mpi")
-    with pytest.raises(ValueError, match=r"\(B, H, L\)"):
-        run_ring_attention(q, torch.randn(1, 1, 8, 4), torch.randn(1, 1, 8, 4), 2)
-    with pytest.raises(ValueError, match="query must be"):
-        run_ring_attention(torch.randn(10, 4), torch.randn(10, 4), torch.randn(10, 4), 2)
-    with pytest.raises(RuntimeError, match="process group"):
-        ring_attention(q, q, q)
-    with pytest.raises(ValueError, match="equal query and key shards"):
-        ring_attention(q, torch.randn(1, 1, 5, 4), torch.randn(1, 1, 5, 4))
-
-
 def test_half_precision_keeps_the_lse_in_float32_and_merges_accurately():
     q, k, v = rand(1, 2, 16, 8), rand(1, 2, 64, 8, seed=1), rand(1, 2, 64, 8, seed=2)
     ref = F.scaled_dot_product_attention(q, k, v)
@@ -286,15 +187,6 @@ def test_half_precision_keeps_the_lse_in_float32_and_merges_accurately():
         one_shot = F.scaled_dot_product_attention(qh, kh, vh).double()
         # merging eight parts is about as accurate as one fused call in the same precision
         assert (out.double() - ref).abs().max() <= 3 * (one_shot - ref).abs().max() + 1e-3
-
-
-def test_ring_attention_in_bfloat16_is_as_accurate_as_one_process():
-    q, k, v = (x.to(torch.bfloat16) for x in (rand(1, 2, 64, 8), rand(1, 2, 64, 8, seed=1), rand(1, 2, 64, 8, seed=2)))
-    ref = F.scaled_dot_product_attention(*(x.double() for x in (q, k, v)), is_causal=True)
-    ring = run_ring_attention(q, k, v, 4, is_causal=True)
-    one = F.scaled_dot_product_attention(q, k, v, is_causal=True)
-    assert ring.dtype == torch.bfloat16
-    assert (ring.double() - ref).abs().max() <= 2 * (one.double() - ref).abs().max() + 1e-3
 
 
 def test_peak_tensor_bytes_counts_new_tensors_only():

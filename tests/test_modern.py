@@ -498,8 +498,8 @@ def test_sparse_selected_attention_details():
 
 # --- chapter 8's exercises: each mistake is rejected, with the hint that names it -------------------
 
-@pytest.mark.parametrize("name", ["ch08.mla_cache_bytes", "ch08.absorbed_query_weight", "ch08.delta_rule_step",
-                                  "ch08.causal_linear_attention", "ch08.indexer_topk_mask", "ch08.global_layers"])
+@pytest.mark.parametrize("name", ["modern.mla_cache_bytes", "modern.absorbed_query_weight", "modern.delta_rule_step",
+                                  "modern.causal_linear_attention", "modern.indexer_topk_mask", "modern.global_layers"])
 def test_solutions_pass_strictly(name, capsys):
     assert check(name, solution(name), strict=True)
 
@@ -511,7 +511,7 @@ def _wrong(name, fn, words, capsys):
 
 
 def test_mla_cache_bytes_mistakes(capsys):
-    name = "ch08.mla_cache_bytes"
+    name = "modern.mla_cache_bytes"
     _wrong(name, lambda n, h, c, r, b: 2 * n * (c + r) * b, "keys AND values", capsys)
     _wrong(name, lambda n, h, c, r, b: n * h * (c + r) * b, "shared by all heads", capsys)
     _wrong(name, lambda n, h, c, r, b: n * (c + h * r) * b, "rope *queries*", capsys)
@@ -520,7 +520,7 @@ def test_mla_cache_bytes_mistakes(capsys):
 
 
 def test_absorbed_query_weight_mistakes(capsys):
-    name = "ch08.absorbed_query_weight"
+    name = "modern.absorbed_query_weight"
 
     def transposed(W_q, W_uk, H):
         return W_q.reshape(H, -1, W_q.shape[1]).transpose(1, 2) @ W_uk.reshape(H, -1, W_uk.shape[1])
@@ -535,7 +535,7 @@ def test_absorbed_query_weight_mistakes(capsys):
 
 
 def test_delta_rule_step_mistakes(capsys):
-    name = "ch08.delta_rule_step"
+    name = "modern.delta_rule_step"
 
     def parts(S, k, v, b, g):
         return g[..., None, None], b[..., None, None], S @ k[..., :, None], v[..., :, None] * k[..., None, :]
@@ -581,8 +581,8 @@ def _in_float32(fn):
     return wrapped
 
 
-@pytest.mark.parametrize("name", ["ch08.absorbed_query_weight", "ch08.delta_rule_step",
-                                  "ch08.causal_linear_attention"])
+@pytest.mark.parametrize("name", ["modern.absorbed_query_weight", "modern.delta_rule_step",
+                                  "modern.causal_linear_attention"])
 def test_right_answers_computed_in_float32_pass(name, capsys):
     assert check(name, _in_float32(solution(name)), strict=True)
     assert check(name, lambda *a: _in_float32(solution(name))(*a).float()) is True   # float32 returned
@@ -591,7 +591,7 @@ def test_right_answers_computed_in_float32_pass(name, capsys):
 def test_no_misleading_hint_where_the_mistake_is_right(capsys):
     # with gate = 1 (case 1) "v - S k" equals "v - g S k": a float32 answer that misses the
     # tolerance there must not be told to decay the state (the mistake is not one there)
-    name = "ch08.delta_rule_step"
+    name = "modern.delta_rule_step"
 
     def slightly_off(S, k, v, b, g):
         return solution(name)(S, k, v, b, g) + 1e-3
@@ -602,7 +602,7 @@ def test_no_misleading_hint_where_the_mistake_is_right(capsys):
 
 
 def test_causal_linear_attention_mistakes(capsys):
-    name = "ch08.causal_linear_attention"
+    name = "modern.causal_linear_attention"
 
     def phi(x):
         return F.elu(x) + 1
@@ -645,7 +645,7 @@ def test_causal_linear_attention_mistakes(capsys):
 
 
 def test_indexer_topk_mask_mistakes(capsys):
-    name = "ch08.indexer_topk_mask"
+    name = "modern.indexer_topk_mask"
 
     def future(scores, k):
         idx = scores.topk(min(k, scores.shape[-1]), -1).indices
@@ -675,7 +675,7 @@ def test_indexer_topk_mask_mistakes(capsys):
 
 
 def test_global_layers_mistakes(capsys):
-    name = "ch08.global_layers"
+    name = "modern.global_layers"
     _wrong(name, lambda n, r: (torch.arange(n) + 1) % max(r, 1) == 0, "the period is", capsys)
     _wrong(name, lambda n, r: torch.arange(n) % (r + 1) == 0, "starts with local layers", capsys)
     _wrong(name, lambda n, r: ((torch.arange(n) + 1) % (r + 1) == 0).nonzero().flatten(), "", capsys)

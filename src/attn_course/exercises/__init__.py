@@ -1,11 +1,13 @@
 """Auto-checked exercises: ``check(name, my_fn)`` tells a learner at once whether an answer is right.
 
 >>> from attn_course.exercises import check, list_exercises
->>> check("ch01.masked_softmax", my_masked_softmax)  # doctest: +SKIP
-✅ ch01.masked_softmax: passed all 5 tests.
+>>> check("basics.masked_softmax", my_masked_softmax)  # doctest: +SKIP
+✅ basics.masked_softmax: passed all 5 tests.
 
-Each chapter's exercises live in a module ``chNN`` of this package, holding a list
-``EXERCISES``; modules are discovered by name, so adding a chapter touches nothing here.
+Each chapter's exercises live in a module of this package named for the chapter's topic
+(``basics``, ``sparse``, ``serving``, ...), never its number, so a chapter can move without
+renaming them. Each holds a list ``EXERCISES`` whose ids start with the module's name;
+modules are discovered, so adding a chapter touches nothing here.
 
 Every exercise's cases and expected answers are computed here, when the package is
 imported, before any learner code runs: reassigning a package function afterwards
@@ -27,7 +29,7 @@ __all__ = ["list_exercises", "solution", "check", "Exercise", "Case"]
 def _discover() -> dict[str, Exercise]:
     registry: dict[str, Exercise] = {}
     for info in sorted(pkgutil.iter_modules(__path__), key=lambda m: m.name):
-        if not re.fullmatch(r"ch\d\d", info.name):
+        if info.name.startswith("_") or info.ispkg:
             continue
         module = importlib.import_module(f"{__name__}.{info.name}")
         for ex in module.EXERCISES:
@@ -45,16 +47,20 @@ del _exercise
 
 
 def list_exercises() -> list[str]:
-    """The names of all auto-checked exercises, like ``"ch01.masked_softmax"``, in course order."""
+    """The names of all auto-checked exercises, like ``"basics.masked_softmax"``, sorted."""
     return sorted(_REGISTRY)
 
 
 def _get(name) -> Exercise:
     if not isinstance(name, str):
-        raise TypeError(f"name must be a str like 'ch01.masked_softmax', got {type(name).__name__}")
+        raise TypeError(f"name must be a str like 'basics.masked_softmax', got {type(name).__name__}")
     try:
         return _REGISTRY[name]
     except KeyError:
+        renamed = [known for known in _REGISTRY if known.split(".", 1)[1] == name.split(".", 1)[-1]]
+        if re.fullmatch(r"ch\d\d\.\w+", name) and len(renamed) == 1:  # ids before topic names
+            raise KeyError(f"unknown exercise name {name!r}: exercise ids are named by topic now, "
+                           f"use {renamed[0]!r}") from None
         raise KeyError(f"unknown exercise name {name!r}; known exercises: "
                        f"{', '.join(list_exercises())}") from None
 

@@ -1,4 +1,4 @@
-"""Chapter 6 exercises: a dilated mask, counting the pairs a pattern keeps, top-k attention,
+"""Exercises: a dilated mask, counting the pairs a pattern keeps, top-k attention,
 banded attention that never builds L x L, and Performer's positive random features.
 
 Expected answers come from package functions bound here at import time. The two linear-
@@ -42,7 +42,7 @@ def _dense(q, k, v, mask=None, scale=None):
     return torch.softmax(s, -1).nan_to_num(0.0) @ v
 
 
-# --- ch06.dilated_window_mask -------------------------------------------------------------------
+# --- sparse.dilated_window_mask -------------------------------------------------------------------
 # Mistakes: a window of `window` positions instead of window * dilation; every key in the span
 # kept (no (i - j) % dilation test); one side only (0 <= i - j); < instead of <=.
 
@@ -76,7 +76,7 @@ def _dilated_hint(case, got, expected):
     return "the rule: mask[i, j] = |i - j| <= window * dilation and (i - j) % dilation == 0."
 
 
-# --- ch06.band_pairs ------------------------------------------------------------------------------
+# --- sparse.band_pairs ------------------------------------------------------------------------------
 # Mistakes: L * (2w + 1) (rows near the ends have fewer keys); 2w per row (the query itself
 # forgotten); the ends subtracted once instead of twice; no cap when the window is at least
 # as wide as the sequence.
@@ -112,7 +112,7 @@ def _band_hint(case, got, expected):
     return None
 
 
-# --- ch06.bigbird_kept_blocks ------------------------------------------------------------------
+# --- sparse.bigbird_kept_blocks ------------------------------------------------------------------
 # Mistakes: the global rows and columns counted without their overlap (2gn instead of
 # 2gn - g^2); the band counted over all n blocks, overlapping the global ones; the band's
 # first and last rows given 3 blocks.
@@ -149,7 +149,7 @@ def _bigbird_hint(case, got, expected):
     return None
 
 
-# --- ch06.topk_attention -----------------------------------------------------------------------
+# --- sparse.topk_attention -----------------------------------------------------------------------
 # Mistakes: attending to every key; keeping the k SMALLEST scores; > instead of >= (keeps k - 1);
 # no 1/sqrt(d); topk(k) raising when k > L (a case has k = 20 > L = 12).
 
@@ -194,7 +194,7 @@ def _topk_raise_hint(case, message):
     return None
 
 
-# --- ch06.banded_attention -----------------------------------------------------------------------
+# --- sparse.banded_attention -----------------------------------------------------------------------
 # Query i attends to keys |i - j| <= window, in O(L * window) memory. Mistakes: building the
 # (L, L) scores or mask (the L = 512 case fails on memory even when the values are right);
 # the zero padding at the two ends treated as keys (a score of 0 instead of -inf: the classic
@@ -276,7 +276,7 @@ def _no_square(name: str):
     return verify
 
 
-# --- ch06.performer_attention --------------------------------------------------------------------
+# --- sparse.performer_attention --------------------------------------------------------------------
 # FAVOR+ with the given random features omega (F, d): scale q and k by d^(-1/4),
 # phi(x) = exp(omega x - |x|^2 / 2) / sqrt(F), out = phi(Q) [phi(K)^T V] / phi(Q) [phi(K)^T 1].
 # Mistakes: phi(Q) phi(K)^T first (L x L: quadratic; the L = 512 case fails on memory); no
@@ -365,21 +365,21 @@ def _favor_raise_hint(case, message):
 
 
 EXERCISES = [
-    Exercise("ch06.dilated_window_mask", "dilated_window_mask(length, window, dilation) -> (L, L) bool",
+    Exercise("sparse.dilated_window_mask", "dilated_window_mask(length, window, dilation) -> (L, L) bool",
              _dilated_cases, _dilated_expected, _dilated_solution, _dilated_hint),
-    Exercise("ch06.band_pairs", "band_pairs(length, window) -> int: pairs kept by |i - j| <= window",
+    Exercise("sparse.band_pairs", "band_pairs(length, window) -> int: pairs kept by |i - j| <= window",
              _band_cases, _band_expected, _band_solution, _band_hint, atol=0, rtol=0),
-    Exercise("ch06.bigbird_kept_blocks",
+    Exercise("sparse.bigbird_kept_blocks",
              "bigbird_kept_blocks(num_blocks, num_global_blocks) -> int (band + global, no random blocks)",
              _bigbird_cases, _bigbird_expected, _bigbird_solution, _bigbird_hint, atol=0, rtol=0),
-    Exercise("ch06.topk_attention", "topk_attention(query, key, value, k) -> (B, H, L, d_v)",
+    Exercise("sparse.topk_attention", "topk_attention(query, key, value, k) -> (B, H, L, d_v)",
              _topk_cases, _topk_attention, _topk_solution, _topk_hint, raise_hint=_topk_raise_hint),
-    Exercise("ch06.banded_attention",
+    Exercise("sparse.banded_attention",
              "banded_attention(query (B, H, L, d), key (B, H, L, d), value (B, H, L, d_v), window) -> "
              "(B, H, L, d_v), keys |i - j| <= window, never an L x L tensor",
              _band_attn_cases, _band_attn_expected, _band_attn_solution, _band_attn_hint,
              verify=_no_square("banded attention")),
-    Exercise("ch06.performer_attention",
+    Exercise("sparse.performer_attention",
              "performer_attention(query (B, H, L, d), key (B, H, L, d), value (B, H, L, d_v), omega (F, d)) "
              "-> (B, H, L, d_v), FAVOR+ with positive features, never an L x L tensor",
              _favor_cases, _favor_expected, _favor_solution, _favor_hint, atol=1e-4, rtol=1e-3,

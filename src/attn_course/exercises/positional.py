@@ -1,4 +1,4 @@
-"""Chapter 5 exercises: the sinusoidal table, RoPE, RoPE scores that depend on offsets only,
+"""Exercises: the sinusoidal table, RoPE, RoPE scores that depend on offsets only,
 ALiBi slopes, relative distance indices.
 
 Expected answers come from package functions bound here at import time. Above each
@@ -36,7 +36,7 @@ def _table(positions, d, *, layout="interleaved", exponent="2i/d", swap=False):
     return torch.stack([first, second], -1).flatten(-2)
 
 
-# --- ch05.sinusoidal_encoding ---------------------------------------------------------------------
+# --- positional.sinusoidal_encoding ---------------------------------------------------------------------
 # Mistakes: sine and cosine swapped; the exponent i/d instead of 2i/d (i counting pairs); all
 # sines then all cosines (two halves: a column permutation of the table, not the formula asked
 # for); positions counted from 1.
@@ -73,7 +73,7 @@ def _sin_hint(case, got, expected):
     return None
 
 
-# --- ch05.apply_rope --------------------------------------------------------------------------
+# --- positional.apply_rope --------------------------------------------------------------------------
 # Mistakes: rotating the wrong way; pairing x[i] with x[i + d/2] (the "rotate-half" layout of
 # GPT-NeoX and Llama: not a mistake in a model, where it is RoFormer's RoPE with the features
 # permuted, but not this exercise's interleaved pairs, so the hint says so without calling it wrong);
@@ -140,7 +140,7 @@ def _rope_hint(case, got, expected):
     return None
 
 
-# --- ch05.rope_scores -------------------------------------------------------------------------
+# --- positional.rope_scores -------------------------------------------------------------------------
 # Rotate q and k, each by its own positions, then the scaled dot product: scores that depend
 # only on the offset between query and key positions (two cases hold the same q and k at
 # positions shifted by 100). Mistakes: rotating only q (or only k); rotating k with the
@@ -215,7 +215,7 @@ def _rs_hint(case, got, expected):
     return None
 
 
-# --- ch05.alibi_slopes ------------------------------------------------------------------------
+# --- positional.alibi_slopes ------------------------------------------------------------------------
 # Mistakes: the plain geometric sequence 2**(-8k/n) for a head count that is not a power of two;
 # k counted from 0 (a first slope of 1); an integer tensor.
 
@@ -248,7 +248,7 @@ def _alibi_hint(case, got, expected):
     return None
 
 
-# --- ch05.relative_position_index ---------------------------------------------------------------
+# --- positional.relative_position_index ---------------------------------------------------------------
 # Mistakes: i - j instead of j - i; no clipping; no offset (negative indices); a float tensor.
 
 def _rel_solution(length_q, length_k, max_distance):
@@ -276,17 +276,17 @@ def _rel_hint(case, got, expected):
 
 
 EXERCISES = [
-    Exercise("ch05.sinusoidal_encoding", "sinusoidal_encoding(length, dim) -> (length, dim), base 10000",
+    Exercise("positional.sinusoidal_encoding", "sinusoidal_encoding(length, dim) -> (length, dim), base 10000",
              _sin_cases, _sinusoidal_encoding, _sin_solution, _sin_hint, atol=1e-5),
-    Exercise("ch05.apply_rope", "apply_rope(x (..., L, d), positions (L,)) -> rotated x, base 10000",
+    Exercise("positional.apply_rope", "apply_rope(x (..., L, d), positions (L,)) -> rotated x, base 10000",
              _rope_cases, _rope_expected, _rope_solution, _rope_hint, atol=1e-5),
-    Exercise("ch05.rope_scores",
+    Exercise("positional.rope_scores",
              "rope_scores(q (..., L_q, d), k (..., L_k, d), q_positions (L_q,), k_positions (L_k,)) "
              "-> scores (..., L_q, L_k) = rope(q) rope(k)^T / sqrt(d)",
              _rs_cases, _rs_expected, _rs_solution, _rs_hint, atol=1e-4, rtol=1e-4),
-    Exercise("ch05.alibi_slopes", "alibi_slopes(num_heads) -> (num_heads,) float tensor",
+    Exercise("positional.alibi_slopes", "alibi_slopes(num_heads) -> (num_heads,) float tensor",
              _alibi_cases, _alibi_slopes, _alibi_solution, _alibi_hint),
-    Exercise("ch05.relative_position_index",
+    Exercise("positional.relative_position_index",
              "relative_position_index(length_q, length_k, max_distance) -> (L_q, L_k) int64",
              _rel_cases, _relative_position_index, _rel_solution, _rel_hint),
 ]

@@ -1,4 +1,4 @@
-"""Chapter 7 exercises: the log-sum-exp merge, one FlashAttention tile, KV bytes, causal tiles, the ring.
+"""Exercises of exact attention in tiles: the log-sum-exp merge, one FlashAttention tile, causal tiles.
 
 Expected answers come from the package functions bound here at import time, so a
 learner who reassigns ``attn_course.flash.merge_attention`` cannot move the target.
@@ -10,11 +10,9 @@ import math
 
 import torch
 
-from ..distributed import ring_schedule as _ring_schedule
 from ..flash import _tile_kind
 from ..flash import attention_with_lse as _attention_with_lse
 from ..flash import merge_attention as _merge_attention
-from ..multihead import kv_cache_bytes as _kv_cache_bytes
 from ._core import Case, Exercise
 
 
@@ -23,7 +21,7 @@ def _gen(seed):
     return lambda *s: torch.randn(*s, generator=g, dtype=torch.float64)  # noqa: E731
 
 
-# --- ch07.merge_attention -------------------------------------------------------------------------
+# --- flash.merge_attention -------------------------------------------------------------------------
 # Mistakes: averaging the two outputs; weighting by exp(lse) without subtracting the max (overflow
 # when scores are large); NaN when one part is empty (lse = -inf), or when both are; lse as a sum
 # or a max.
@@ -76,7 +74,7 @@ def _merge_hint(case, got, expected):
     return "lse = logaddexp(lse1, lse2); out = exp(lse1 - lse) * out1 + exp(lse2 - lse) * out2."
 
 
-# --- ch07.flash_tile_step -------------------------------------------------------------------------
+# --- flash.flash_tile_step -------------------------------------------------------------------------
 # Mistakes: not rescaling the old output or the old sum by exp(m_old - m_new); exp(s) without
 # subtracting the max (overflow); NaN for a row whose keys are all masked so far (m = -inf).
 
@@ -148,48 +146,7 @@ def _tile_hint(case, got, expected):
     return None
 
 
-# --- ch07.kv_bytes --------------------------------------------------------------------------------
-# Mistakes: forgetting the factor 2 (keys and values); using the query heads instead of the KV heads
-# (GQA), or num_heads // num_kv_heads; forgetting the batch or the bytes per value. The cases are
-# chosen so that these give different numbers, and a hint is given only when one mistake fits.
-
-def _kv_solution(num_layers, num_heads, num_kv_heads, head_dim, seq_len, batch_size, bytes_per_value):
-    return 2 * num_layers * num_kv_heads * head_dim * seq_len * batch_size * bytes_per_value
-
-
-def _kv_expected(num_layers, num_heads, num_kv_heads, head_dim, seq_len, batch_size, bytes_per_value):
-    return _kv_cache_bytes(num_layers, num_kv_heads, head_dim, seq_len, batch_size, bytes_per_value)
-
-
-def _kv_cases():
-    return [Case(f"layers {a}, heads {b}, kv heads {c}, head_dim {d}, L {e}, batch {f}, {g} bytes",
-                 (a, b, c, d, e, f, g))
-            for a, b, c, d, e, f, g in ((32, 32, 4, 128, 8192, 3, 1),     # GQA with 4 KV heads, an 8-bit cache: each mistake differs
-                                        (12, 12, 12, 64, 1024, 3, 4),     # GPT-2-small-like, MHA, float32
-                                        (24, 16, 1, 128, 32768, 2, 2),    # MQA
-                                        (2, 4, 2, 16, 10, 3, 1))]
-
-
-def _kv_hint(case, got, expected):
-    L_, H, G, d, T, B, nb = case.args
-    if not isinstance(got, (int, float)) or isinstance(got, bool):
-        return None
-    mistakes = {   # what each usual mistake gives on this case: hint only when one of them matches
-        "a cache stores keys AND values: twice the bytes of the keys.": expected / 2,
-        "with grouped-query attention only num_kv_heads heads of keys and values are cached.": expected * H / G,
-        "the number of KV heads is num_kv_heads itself, not num_heads // num_kv_heads.": expected * (H // G) / G,
-        "every sequence in the batch has its own cache: multiply by batch_size.": expected / B,
-        "count bytes, not values: multiply by bytes_per_value.": expected / nb,
-    }
-    matches = [hint for hint, value in mistakes.items() if value != expected and got == value]
-    if len(matches) == 1:
-        return matches[0]
-    if matches:
-        return "this value fits several mistakes: " + " Or: ".join(matches)
-    return None
-
-
-# --- ch07.causal_skipped_tiles -------------------------------------------------------------------
+# --- flash.causal_skipped_tiles -------------------------------------------------------------------
 # Mistakes: skipping the diagonal tile (k0 >= q0); comparing tile indices, which is wrong when
 # block_q != block_k; ignoring a last, shorter tile.
 
@@ -227,44 +184,14 @@ def _skip_hint(case, got, expected):
     return None
 
 
-# --- ch07.ring_source ----------------------------------------------------------------------------
-# Mistakes: the wrong direction ((r + s) mod W); no modulo (negative ranks).
-
-def _ring_solution(rank, step, world_size):
-    return (rank - step) % world_size
-
-
-def _ring_expected(rank, step, world_size):
-    return _ring_schedule(world_size)[step][rank]
-
-
-def _ring_cases():
-    return [Case(f"rank {r}, step {s}, W = {w}", (r, s, w))
-            for r, s, w in ((2, 1, 4), (0, 1, 4), (1, 3, 4), (3, 0, 4), (0, 2, 3), (4, 4, 5))]
-
-
-def _ring_hint(case, got, expected):
-    r, s, w = case.args
-    if got == (r + s) % w:
-        return "shards travel from rank r - 1 to rank r, so at step s you hold the shard of rank r - s."
-    if got == r - s:
-        return "rank numbers wrap around the ring: take the result modulo world_size."
-    return None
-
-
 EXERCISES = [
-    Exercise("ch07.merge_attention",
+    Exercise("flash.merge_attention",
              "merge_attention(out1 (..., L_q, d_v), lse1 (..., L_q), out2, lse2) -> (out, lse)",
              _merge_cases, _merge_expected, _merge_solution, _merge_hint, atol=1e-6, rtol=1e-5),
-    Exercise("ch07.flash_tile_step",
+    Exercise("flash.flash_tile_step",
              "flash_tile_step(m (bq,), z (bq,), o (bq, d_v), scores (bq, bk), value (bk, d_v)) -> (m, z, o)",
              _tile_cases, _tile_expected, _tile_solution, _tile_hint, atol=1e-6, rtol=1e-5),
-    Exercise("ch07.kv_bytes",
-             "kv_bytes(num_layers, num_heads, num_kv_heads, head_dim, seq_len, batch_size, bytes_per_value) -> int",
-             _kv_cases, _kv_expected, _kv_solution, _kv_hint, atol=0, rtol=0),
-    Exercise("ch07.causal_skipped_tiles",
+    Exercise("flash.causal_skipped_tiles",
              "causal_skipped_tiles(length, block_q, block_k) -> (n_q_tiles, n_k_tiles) bool, True = skip",
              _skip_cases, _skip_expected, _skip_solution, _skip_hint),
-    Exercise("ch07.ring_source", "ring_source(rank, step, world_size) -> int: whose key/value shard rank holds",
-             _ring_cases, _ring_expected, _ring_solution, _ring_hint, atol=0, rtol=0),
 ]

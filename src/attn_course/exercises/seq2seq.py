@@ -1,4 +1,4 @@
-"""Chapter 2 exercises: padding and causal masks, cross-attention, one step of an attentive decoder.
+"""Exercises: padding and causal masks, cross-attention, one step of an attentive decoder.
 
 Expected answers come from package functions bound here at import time. Above each
 exercise, a comment lists the mistakes learners make; a case catches each one.
@@ -22,7 +22,7 @@ def _bool_like(got, expected) -> bool:
     return isinstance(got, torch.Tensor) and got.dtype == torch.bool and got.shape == expected.shape
 
 
-# --- ch02.padding_mask ----------------------------------------------------------------------------
+# --- seq2seq.padding_mask ----------------------------------------------------------------------------
 # Mistakes: the convention inverted (True = padding); <= instead of < (one padding position
 # counted as real); the mask transposed (L, B); a float or int tensor; a sequence of length 0 or
 # of the full length.
@@ -48,7 +48,7 @@ def _pad_hint(case, got, expected):
     return None
 
 
-# --- ch02.causal_mask -----------------------------------------------------------------------------
+# --- seq2seq.causal_mask -----------------------------------------------------------------------------
 # Mistakes: the upper triangle (keys j >= i: the future); the diagonal left out (a token may see
 # itself); torch's convention (True = blocked, triu(1)); a float tensor from torch.tril(torch.ones).
 
@@ -73,7 +73,7 @@ def _causal_hint(case, got, expected):
     return None
 
 
-# --- ch02.cross_attention -------------------------------------------------------------------------
+# --- seq2seq.cross_attention -------------------------------------------------------------------------
 # Mistakes: queries from the context and keys/values from x (output of the context's length);
 # scaling by sqrt(E) (x's width) instead of sqrt(d); no scaling; W used untransposed (x @ W_q:
 # the square case E = C = d catches it); keys and values projected with each other's weights;
@@ -131,7 +131,7 @@ def _cross_hint(case, got, expected):
     return None
 
 
-# --- ch02.attentive_decoder_step -----------------------------------------------------------------
+# --- seq2seq.attentive_decoder_step -----------------------------------------------------------------
 # One step of an attentive decoder (Luong-style: the new decoder state queries the encoder).
 # Mistakes: the source padding ignored (padding gets weight) or inverted; no scaling by
 # sqrt(H); the softmax over the batch instead of the source positions; the concatenation in the
@@ -204,15 +204,15 @@ def _dec_hint(case, got, expected):
 
 
 EXERCISES = [
-    Exercise("ch02.padding_mask", "padding_mask(lengths (B,), max_length) -> (B, max_length) bool, True = real",
+    Exercise("seq2seq.padding_mask", "padding_mask(lengths (B,), max_length) -> (B, max_length) bool, True = real",
              _pad_cases, _padding_mask, _pad_solution, _pad_hint),
-    Exercise("ch02.causal_mask", "causal_mask(length) -> (L, L) bool, True where key j <= query i",
+    Exercise("seq2seq.causal_mask", "causal_mask(length) -> (L, L) bool, True where key j <= query i",
              _causal_cases, _causal_mask, _causal_solution, _causal_hint),
-    Exercise("ch02.cross_attention",
+    Exercise("seq2seq.cross_attention",
              "cross_attention(x (B, L_x, E), context (B, L_c, C), W_q (d, E), W_k (d, C), W_v (d, C)) "
              "-> (B, L_x, d)",
              _cross_cases, _cross_expected, _cross_solution, _cross_hint),
-    Exercise("ch02.attentive_decoder_step",
+    Exercise("seq2seq.attentive_decoder_step",
              "attentive_decoder_step(state (B, H), enc_states (B, S, H), src_mask (B, S) bool, "
              "W_out (V, 2H), b_out (V,)) -> (logits (B, V), weights (B, S))",
              _dec_cases, _dec_expected, _dec_solution, _dec_hint),

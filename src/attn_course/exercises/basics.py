@@ -1,4 +1,4 @@
-"""Chapter 1 exercises: attention pooling, a learned bandwidth, masked softmax, scaled
+"""Exercises: attention pooling, a learned bandwidth, masked softmax, scaled
 dot-product attention, additive scores.
 
 Each has a from-scratch ``solution`` (what a learner may write) and an
@@ -34,7 +34,7 @@ def _pair(got):
     return None
 
 
-# --- ch01.nadaraya_watson -------------------------------------------------------------------
+# --- basics.nadaraya_watson -------------------------------------------------------------------
 # Mistakes: the softmax over the wrong axis (the queries); exp() without normalising;
 # dropping the 1/2; squaring the distance before dividing by h (d^2 / h), or multiplying by h
 # (both invisible when h = 1, so the cases use h = 0.3 and 2.5); |d| instead of d^2; exp / sum
@@ -95,7 +95,7 @@ def _nw_hint(case, got, expected):
     return None
 
 
-# --- ch01.fit_bandwidth ---------------------------------------------------------------------
+# --- basics.fit_bandwidth ---------------------------------------------------------------------
 # Mistakes: not zeroing the gradient between steps (it accumulates); a step on h instead of
 # log h; returning log h; the sum of squared errors instead of the mean; stepping uphill
 # (w += lr * grad); predicting at x_train instead of x_val; the weights from the wrong axis.
@@ -185,7 +185,7 @@ def _fit_hint(case, got, expected):
     return None
 
 
-# --- ch01.masked_softmax --------------------------------------------------------------------
+# --- basics.masked_softmax --------------------------------------------------------------------
 # Mistakes: ignoring the mask; inverting it (True means keep); zeroing masked weights after the
 # softmax without renormalising; the softmax over the wrong axis; NaN for a row whose keys are
 # all masked (softmax of all -inf); filling with -1e9 instead of -inf, which gives such a row
@@ -272,7 +272,7 @@ def _ms_hint(case, got, expected):
     return None
 
 
-# --- ch01.scaled_dot_product_attention ---------------------------------------------------------
+# --- basics.scaled_dot_product_attention ---------------------------------------------------------
 # Mistakes: no scaling; dividing by d_k instead of sqrt(d_k); sqrt(d_v) instead of sqrt(d_k)
 # (d_v differs from d_k in some cases); torch.bmm or key.T, which handle 2-D or 3-D inputs
 # only (the (B, H, L, d) cases); the softmax over the wrong axis; weights times key instead of
@@ -361,7 +361,7 @@ def _sdpa_hint(case, got, expected):
     return None
 
 
-# --- ch01.additive_scores ---------------------------------------------------------------------
+# --- basics.additive_scores ---------------------------------------------------------------------
 # Mistakes: no tanh; tanh of each projection separately (tanh(W_q q) + tanh(W_k k)); W_q and W_k
 # used untransposed (query @ W_q: W_q is (h, d_q), the nn.Linear convention; the square case
 # catches it); the hidden vectors summed instead of dotted with w_v; a softmax applied (the
@@ -432,23 +432,23 @@ def _add_hint(case, got, expected):
 
 
 EXERCISES = [
-    Exercise("ch01.nadaraya_watson",
+    Exercise("basics.nadaraya_watson",
              "nadaraya_watson(x_train, y_train, x_query, bandwidth) -> (y_pred (n_query,), "
              "weights (n_query, n_train))",
              _nw_cases, _nadaraya_watson, _nw_solution, _nw_hint),
-    Exercise("ch01.fit_bandwidth",
+    Exercise("basics.fit_bandwidth",
              "fit_bandwidth(x_train, y_train, x_val, y_val, steps, lr) -> float: the bandwidth "
              "sigma after `steps` gradient-descent steps on log sigma (starting at sigma = 1) on "
              "the mean squared error at x_val",
              _fit_cases, _fit_expected, _fit_solution, _fit_hint, atol=1e-4, rtol=1e-3),
-    Exercise("ch01.masked_softmax",
+    Exercise("basics.masked_softmax",
              "masked_softmax(scores, mask) -> weights of scores' shape (mask: bool, True = keep)",
              _ms_cases, _masked_softmax, _ms_solution, _ms_hint),
-    Exercise("ch01.scaled_dot_product_attention",
+    Exercise("basics.scaled_dot_product_attention",
              "scaled_dot_product_attention(query (..., L_q, d_k), key (..., L_k, d_k), value "
              "(..., L_k, d_v), mask=None) -> (output, weights)",
              _sdpa_cases, _sdpa_expected, _sdpa_solution, _sdpa_hint, raise_hint=_sdpa_raise_hint),
-    Exercise("ch01.additive_scores",
+    Exercise("basics.additive_scores",
              "additive_scores(query (L_q, d_q), key (L_k, d_k), W_q (h, d_q), W_k (h, d_k), "
              "w_v (h,)) -> scores (L_q, L_k)",
              _add_cases, _add_expected, _add_solution, _add_hint, raise_hint=_add_raise_hint),

@@ -1,4 +1,4 @@
-"""Chapter 3 exercises: Gumbel noise, straight-through Gumbel, the REINFORCE surrogate, local-p
+"""Exercises: Gumbel noise, straight-through Gumbel, the REINFORCE surrogate, local-p
 weights, receptive fields.
 
 Expected answers come from package functions bound here at import time; for the two
@@ -23,7 +23,7 @@ def _gumbel(u):
     return -torch.log(-torch.log(u))
 
 
-# --- ch03.gumbel_softmax ----------------------------------------------------------------------
+# --- variants.gumbel_softmax ----------------------------------------------------------------------
 # Mistakes: -log(u) as the noise; +log(-log(u)) (the sign); no temperature, or multiplying by
 # tau (the cases use tau != 1); dividing only the logits by tau; the softmax over the wrong
 # axis (2-D cases); drawing fresh noise instead of using the given uniform samples.
@@ -67,7 +67,7 @@ def _gumbel_hint(case, got, expected):
             "you are given (not fresh noise, such as F.gumbel_softmax draws).")
 
 
-# --- ch03.straight_through_gumbel ---------------------------------------------------------------
+# --- variants.straight_through_gumbel ---------------------------------------------------------------
 # Mistakes: returning the soft sample (the forward value must be one-hot); the one-hot of
 # argmax(logits) without the noise; a one-hot with no gradient at all (F.one_hot alone, or
 # an int tensor); onehot - y + y without detach (value right, gradient exactly zero); the
@@ -134,7 +134,7 @@ def _st_verify(case, fn, got):
             "/ tau): return onehot - y.detach() + y.")
 
 
-# --- ch03.reinforce_surrogate -----------------------------------------------------------------
+# --- variants.reinforce_surrogate -----------------------------------------------------------------
 # Mistakes: log_probs.detach() (the value is right, but no gradient reaches the scorer);
 # not detaching the losses (a gradient flows into the losses, which are rewards here);
 # no baseline (the cases use b != 0); the wrong sign; the sum instead of the mean;
@@ -200,7 +200,7 @@ def _reinforce_verify(case, fn, got):
     return None
 
 
-# --- ch03.local_p_weights --------------------------------------------------------------------
+# --- variants.local_p_weights --------------------------------------------------------------------
 # Mistakes: no Gaussian (plain local-m weights); the window around p_t unrounded
 # (|s - p_t| <= D); the Gaussian centred on round(p_t); sigma = D instead of D / 2; the softmax
 # over all positions instead of the window; renormalising after the Gaussian (local-p's
@@ -264,7 +264,7 @@ def _localp_hint(case, got, expected):
     return None
 
 
-# --- ch03.conv_receptive_field ---------------------------------------------------------------
+# --- variants.conv_receptive_field ---------------------------------------------------------------
 # Mistakes: num_layers * kernel_size (layers overlap: each adds kernel_size - 1); dilation
 # ignored; the + 1 for the output position itself forgotten; dilation applied as d ** layer.
 
@@ -295,18 +295,18 @@ def _rf_hint(case, got, expected):
 
 
 EXERCISES = [
-    Exercise("ch03.gumbel_softmax", "gumbel_softmax(logits, uniform, tau) -> soft sample, same shape",
+    Exercise("variants.gumbel_softmax", "gumbel_softmax(logits, uniform, tau) -> soft sample, same shape",
              _gumbel_cases, _gumbel_expected, _gumbel_solution, _gumbel_hint),
-    Exercise("ch03.straight_through_gumbel",
+    Exercise("variants.straight_through_gumbel",
              "straight_through_gumbel(logits, uniform, tau) -> one-hot sample (float, same shape) whose "
              "gradient is that of softmax((logits + g) / tau)",
              _st_cases, _st_expected, _st_solution, _st_hint, verify=_st_verify),
-    Exercise("ch03.reinforce_surrogate",
+    Exercise("variants.reinforce_surrogate",
              "reinforce_surrogate(log_probs (B,), losses (B,), baseline) -> scalar tensor",
              _reinforce_cases, _reinforce_expected, _reinforce_solution, _reinforce_hint,
              verify=_reinforce_verify),
-    Exercise("ch03.local_p_weights", "local_p_weights(scores (T, S), centres (T,), window) -> (T, S)",
+    Exercise("variants.local_p_weights", "local_p_weights(scores (T, S), centres (T,), window) -> (T, S)",
              _localp_cases, _localp_expected, _localp_solution, _localp_hint),
-    Exercise("ch03.conv_receptive_field", "conv_receptive_field(num_layers, kernel_size, dilation) -> int",
+    Exercise("variants.conv_receptive_field", "conv_receptive_field(num_layers, kernel_size, dilation) -> int",
              _rf_cases, _conv_receptive_field, _rf_solution, _rf_hint, atol=0, rtol=0),
 ]

@@ -1,4 +1,4 @@
-"""Chapter 8 exercises: the MLA cache, the absorbed query, one delta-rule step, causal linear
+"""Exercises: the MLA cache, the absorbed query, one delta-rule step, causal linear
 attention, a causal top-k selection mask, and the global layers of a local/global stack.
 
 The expected answers come from :mod:`attn_course.modern`, bound here when the module is imported
@@ -34,7 +34,7 @@ def _gen(seed: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
 
 
-# --- ch08.mla_cache_bytes ---------------------------------------------------------------------
+# --- modern.mla_cache_bytes ---------------------------------------------------------------------
 # Mistakes, and the cases that catch them:
 #   - caching keys AND values (x 2, the MHA habit): every case;
 #   - one latent per head (x num_heads): the cases with several heads;
@@ -76,7 +76,7 @@ def _mla_bytes_hint(case, got, expected):
     return None
 
 
-# --- ch08.absorbed_query_weight ---------------------------------------------------------------
+# --- modern.absorbed_query_weight ---------------------------------------------------------------
 # Mistakes: the transpose W_q[h]^T W_uk[h] (E x d_c; cases 1, 2, 4 have a different shape,
 # case 3 has E = d_c and a transposed value); no split into heads (W_uk^T W_q: a wrong
 # shape in every case); splitting the rows into heads the interleaved way (row r to head
@@ -123,7 +123,7 @@ def _absorbed_hint(case, got, expected):
     return None
 
 
-# --- ch08.delta_rule_step ---------------------------------------------------------------------
+# --- modern.delta_rule_step ---------------------------------------------------------------------
 # Mistakes: the additive (linear attention) update g S + b v k^T, no erasing (every case);
 # the gate left out of the erase term, g S + b (v - S k) k^T (cases 2, 4, 5, 6: gate < 1);
 # the gate applied to the new write too, g (S + b (v - S k) k^T) (cases 2, 4, 5, 6); beta left
@@ -202,7 +202,7 @@ def _delta_hint(case, got, expected):
     return None
 
 
-# --- ch08.causal_linear_attention -------------------------------------------------------------
+# --- modern.causal_linear_attention -------------------------------------------------------------
 # Mistakes: summing over all keys, not a prefix (cases with L > 1); an exclusive prefix that
 # leaves out the current token (cases with L > 1; the first query then divides 0 by 0); no
 # normaliser (every case); another feature map than elu + 1, e.g. relu or exp (every case);
@@ -284,7 +284,7 @@ def _linear_verify(case, fn, got):
     return None
 
 
-# --- ch08.indexer_topk_mask -------------------------------------------------------------------
+# --- modern.indexer_topk_mask -------------------------------------------------------------------
 # Mistakes: topk before the causal mask, so queries pick future keys (every case with k < L);
 # topk before the causal mask, then `& causal`, so the future keys picked are dropped and those
 # queries keep fewer than k keys (every case with k < L); masking with -inf and keeping every
@@ -336,7 +336,7 @@ def _topk_mask_hint(case, got, expected):
     return None
 
 
-# --- ch08.global_layers -----------------------------------------------------------------------
+# --- modern.global_layers -----------------------------------------------------------------------
 # Mistakes: a period of local_per_global instead of local_per_global + 1 (cases 1 to 4);
 # starting with a global layer, i % (r + 1) == 0 (every case but 5); returning the indices of
 # the global layers (a wrong shape or dtype: every case); True for the local layers (every case).
@@ -366,24 +366,24 @@ def _global_hint(case, got, expected):
 
 
 EXERCISES = [
-    Exercise("ch08.mla_cache_bytes",
+    Exercise("modern.mla_cache_bytes",
              "mla_cache_bytes(num_layers, num_heads, kv_latent_dim, rope_dim, bytes_per_value) -> int per token",
              _mla_bytes_cases, _mla_bytes_expected, _mla_bytes_solution, _mla_bytes_hint, atol=0, rtol=0),
-    Exercise("ch08.absorbed_query_weight",
+    Exercise("modern.absorbed_query_weight",
              "absorbed_query_weight(W_q (H*d_h, E), W_uk (H*d_h, d_c), num_heads) -> (H, d_c, E)",
              _absorbed_cases, _absorbed_expected, _absorbed_solution, _absorbed_hint),
-    Exercise("ch08.delta_rule_step",
+    Exercise("modern.delta_rule_step",
              "delta_rule_step(state (..., d_v, d_k), key (..., d_k), value (..., d_v), beta (...), gate (...)) "
              "-> new state (..., d_v, d_k)",
              _delta_cases, _delta_rule_step, _delta_solution, _delta_hint),
-    Exercise("ch08.causal_linear_attention",
+    Exercise("modern.causal_linear_attention",
              "causal_linear_attention(query, key, value) -> (..., L, d_v), with phi(x) = elu(x) + 1, "
              "without an L x L matrix",
              _linear_cases, _linear_attention, _linear_solution, _linear_hint, verify=_linear_verify),
-    Exercise("ch08.indexer_topk_mask",
+    Exercise("modern.indexer_topk_mask",
              "indexer_topk_mask(scores (B, L, L), k) -> (B, L, L) bool: each query's k best keys, causally",
              _topk_mask_cases, _topk_mask_expected, _topk_mask_solution, _topk_mask_hint),
-    Exercise("ch08.global_layers",
+    Exercise("modern.global_layers",
              "global_layers(num_layers, local_per_global) -> (num_layers,) bool, True = global",
              _global_cases, _global_layers, _global_solution, _global_hint),
 ]

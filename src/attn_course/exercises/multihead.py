@@ -1,4 +1,4 @@
-"""Chapter 4 exercises: splitting and merging heads, torch's masks, a whole multi-head forward
+"""Exercises: splitting and merging heads, torch's masks, a whole multi-head forward
 pass from its weights, parameter and cache counts.
 
 Expected answers come from package functions bound here at import time. Above each
@@ -30,7 +30,7 @@ def _number(got):
     return got if type(got) in (int, float) else None
 
 
-# --- ch04.split_heads / ch04.merge_heads ----------------------------------------------------------
+# --- multihead.split_heads / multihead.merge_heads ----------------------------------------------------------
 # Mistakes (split): no transpose, (B, L, H, d); reshaping straight to (B, H, L, d), which mixes
 # positions and heads; giving head h every H-th feature (reshape to (B, L, d, H)) instead of a
 # contiguous slice. (merge): reshaping (B, H, L, d) straight to (B, L, H * d); the wrong
@@ -87,7 +87,7 @@ def _merge_hint(case, got, expected):
     return None
 
 
-# --- ch04.masks_from_torch ------------------------------------------------------------------------
+# --- multihead.masks_from_torch ------------------------------------------------------------------------
 # Mistakes: not inverting (torch's True = blocked); inverting only one of the two masks;
 # combining with | instead of &; the shape (B, L_q, L_k) without the head axis.
 
@@ -131,7 +131,7 @@ def _masks_hint(case, got, expected):
     return None
 
 
-# --- ch04.multihead_forward -----------------------------------------------------------------------
+# --- multihead.multihead_forward -----------------------------------------------------------------------
 # Mistakes: scaling by sqrt(E) instead of sqrt(d) = sqrt(E / H); splitting without the transpose
 # (or reshaping straight to (B, H, L, d)); merging without the transpose; leaving out W_O; using
 # the weights untransposed (x @ W: they are (out, in) as in nn.Linear); one big head (num_heads
@@ -212,7 +212,7 @@ def _mha_hint(case, got, expected):
     return None
 
 
-# --- ch04.mha_parameter_count -------------------------------------------------------------------
+# --- multihead.mha_parameter_count -------------------------------------------------------------------
 # Mistakes: the output projection W_O left out; the biases left out (or counted when bias is
 # False); W_K and W_V taken as E x E although kdim and vdim differ; multiplying by the number
 # of heads.
@@ -252,7 +252,7 @@ def _params_hint(case, got, expected):
     return None
 
 
-# --- ch04.kv_cache_bytes ------------------------------------------------------------------------
+# --- multihead.kv_cache_bytes ------------------------------------------------------------------------
 # Mistakes: forgetting the factor 2 (keys AND values); forgetting the layers, the batch or the
 # bytes per value.
 
@@ -288,22 +288,22 @@ def _cache_hint(case, got, expected):
 
 
 EXERCISES = [
-    Exercise("ch04.split_heads", "split_heads(x (B, L, E), num_heads) -> (B, H, L, E / H)",
+    Exercise("multihead.split_heads", "split_heads(x (B, L, E), num_heads) -> (B, H, L, E / H)",
              _split_cases, _split_heads, _split_solution, _split_hint),
-    Exercise("ch04.merge_heads", "merge_heads(x (B, H, L, d)) -> (B, L, H * d)",
+    Exercise("multihead.merge_heads", "merge_heads(x (B, H, L, d)) -> (B, L, H * d)",
              _merge_cases, _merge_heads, _merge_solution, _merge_hint),
-    Exercise("ch04.masks_from_torch",
+    Exercise("multihead.masks_from_torch",
              "masks_from_torch(attn_mask (L_q, L_k), key_padding_mask (B, L_k)) -> "
              "bool mask (B, 1, L_q, L_k), True = may attend",
              _masks_cases, _masks_from_torch, _masks_solution, _masks_hint),
-    Exercise("ch04.multihead_forward",
+    Exercise("multihead.multihead_forward",
              "multihead_forward(query (B, L_q, E), key (B, L_k, E), value (B, L_k, E), W_q, W_k, W_v, "
              "W_o (E, E) each, num_heads) -> (B, L_q, E), no biases",
              _mha_cases, _mha_expected, _mha_solution, _mha_hint),
-    Exercise("ch04.mha_parameter_count",
+    Exercise("multihead.mha_parameter_count",
              "mha_parameter_count(embed_dim, num_heads, kdim, vdim, bias) -> int",
              _params_cases, _params_expected, _params_solution, _params_hint, atol=0, rtol=0),
-    Exercise("ch04.kv_cache_bytes",
+    Exercise("multihead.kv_cache_bytes",
              "kv_cache_bytes(num_layers, num_kv_heads, head_dim, seq_len, batch_size, "
              "bytes_per_value) -> int",
              _cache_cases, _kv_cache_bytes, _cache_solution, _cache_hint, atol=0, rtol=0),
