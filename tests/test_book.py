@@ -58,8 +58,58 @@ def test_toc_lists_existing_chapters_only_and_every_chapter_notebook():
 
 def test_front_matter_pages_exist():
     toc = (ROOT / "_toc.yml").read_text()
-    for page in ("book/intro", "book/setup", "book/notation", "book/bibliography"):
+    for page in ("book/intro", "book/setup", "book/notation", "book/troubleshooting", "book/glossary",
+                 "book/next", "book/bibliography"):
         assert page in toc and (ROOT / f"{page}.md").exists()
+
+
+def _course_ext():
+    import importlib
+    import sys
+
+    sys.path.insert(0, str(ROOT / "book" / "_ext"))
+    try:
+        return importlib.import_module("course_ext")
+    finally:
+        sys.path.pop(0)
+
+
+def test_the_course_map_lists_every_chapter_in_order_and_answers_questions_in_real_sections():
+    """The intro's map is generated from book/course_map.yml and the notebooks; this keeps the
+    file in step with _toc.yml and every question pointing at a section that exists."""
+    import yaml
+
+    ext = _course_ext()
+    data = yaml.safe_load((ROOT / "book" / "course_map.yml").read_text())
+    stems = [nb.stem for nb in CHAPTERS]
+    assert list(data["chapters"]) == stems, "book/course_map.yml must list the _toc.yml chapters in order"
+    answered = set()
+    for q in data["questions"]:
+        assert q["chapter"] in stems, q
+        facts = ext.chapter_facts(ROOT / "chapters" / f"{q['chapter']}.ipynb")
+        assert q["section"] in facts["headings"], (q, facts["headings"])
+        answered.add(q["chapter"])
+    assert answered == set(stems), f"chapters answering no question: {set(stems) - answered}"
+    text = ext.course_map_markdown(ROOT)
+    for i, stem in enumerate(stems, 1):
+        assert f"| {i} | {{doc}}`../chapters/{stem}`" in text
+    assert "<!-- course-map -->" in (ROOT / "book" / "intro.md").read_text()
+
+
+def test_no_chapter_builds_on_a_later_one():
+    ext = _course_ext()
+    stems = [nb.stem for nb in CHAPTERS]
+    for i, stem in enumerate(stems):
+        later = [d for d in ext.chapter_facts(ROOT / "chapters" / f"{stem}.ipynb")["builds_on"]
+                 if d in stems and stems.index(d) > i]
+        assert not later, f"{stem}'s prerequisites link to later chapters {later}"
+
+
+def test_api_pages_say_where_each_name_is_used():
+    uses = _course_ext().used_in(ROOT)
+    assert "01_attention_basics" in uses["attn_course.basics.masked_softmax"] or \
+        "01_attention_basics" in uses.get("attn_course.basics.scaled_dot_product_attention", [])
+    assert all(stem[:2].isdigit() for stems in uses.values() for stem in stems)
 
 
 @pytest.fixture(params=CHAPTERS, ids=lambda p: p.stem)
@@ -178,3 +228,37 @@ def test_glue_references_are_read_by_the_pattern():
     nb = nbformat.v4.new_notebook(cells=[nbformat.v4.new_markdown_cell(
         "a {glue:text}`speedup:.2f` and {glue}`table` and {glue:text}`plain`")])
     assert set(GLUE_REF.findall(nb.cells[0].source)) == {"speedup", "table", "plain"}
+
+
+# Uses of a symbol that book/notation.md retires ("Retired uses"), where a pattern can see them.
+RETIRED = [
+    (r"2D\s*\+\s*1|\$D\s*=\s*\d", "the window is $w$ ($2w+1$ keys), not Luong's $D$"),
+    (r"window[^.$]{0,40}\$[KW](\s*=\s*\d+)?\$|\$[KW](\s*=\s*\d+)?\$[^.$]{0,25}window|"
+     r"\$K\s*=\s*\d+\$ on each side", "the window is $w$ ($K$ is the keys, $W$ the world size)"),
+    (r"length[s]?\s+(of\s+)?\$[NTn](\s*=\s*\d+)?\$|\$N\$ positions|first \$N\$|\$S\s*=\s*T\b",
+     "a length is $L$ (or $L_\\text{train}$, $L_q$, $L_k$)"),
+    (r"\$K\s*=\s*\d+\s*>|clip[^.$]{0,30}\$K|\$K\$[^.$]{0,30}clip", "the clipping distance is $\\kappa$"),
+    (r"(SRAM|on-chip)[^.$]{0,40}\$M\$|\$M\s*=\s*\d", "on-chip memory is $M_\\text{sram}$ ($M$ is the mask)"),
+    (r"\$r\s*=\s*(\\tfrac|\d*\.\d|\\frac)|restricted to \$r\$|residual weight \$r\$",
+     "a residual weight is $\\lambda$, a neighbourhood $w$ ($r$ is a rank)"),
+    (r"\$L\$ layers|layer \$L\$|\$L\s*=\s*\d+\$ layers", "a number of layers is $n_\\text{layers}$"),
+]
+
+
+def test_chapters_keep_to_the_notation_page(chapter):
+    path, nb = chapter
+    text = "\n".join(_sources(nb, "markdown"))
+    found = [(m.group(0), why) for pattern, why in RETIRED for m in re.finditer(pattern, text)]
+    assert not found, f"{path.name} uses symbols book/notation.md retires: {found}"
+
+
+def test_the_notation_check_sees_retired_uses():
+    bad = ["a window of $2D + 1$ positions", "with a window of $K = 4$ on each side",
+           "trained on sequences of length $N = 16$", "with $K = 10 > 8$ the model",
+           "the on-chip memory $M$", "with $r = \\tfrac12$", "a window of $W$ tokens", "$S = T = 24$"]
+    for text in bad:
+        assert any(re.search(p, text) for p, _ in RETIRED), text
+    good = ["a window of $w = 4$", "$L_\\text{train} = 16$", "$M_\\text{sram}$ bytes of SRAM",
+            "rank $r$ holds", "$W = 4$ processes", "the mask $M$", "$K = XW_K$"]
+    for text in good:
+        assert not any(re.search(p, text) for p, _ in RETIRED), text

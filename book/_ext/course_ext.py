@@ -1,5 +1,10 @@
 """Sphinx glue for the course book.
 
+The intro's course map (chapters, what each builds on, reading time, exercises, and the
+questions learners bring with the section that answers each) is generated at build time from
+``book/course_map.yml`` and the chapter notebooks themselves, so it cannot go stale when a
+chapter moves or grows: see :func:`course_map_markdown`.
+
 Jupyter Book 1.x's extensions register some inline scripts twice (sphinx-thebe's
 ``const THEBE_JS_URL = ...``, sphinx-togglebutton's selector). The second copy of a
 ``const`` declaration is a JavaScript error on every page, so each page keeps only
@@ -34,7 +39,120 @@ def _install_line(app, config):
     config.myst_substitutions = subs
 
 
+WORDS_PER_MINUTE = 200    # reading prose and code together
+MAP_MARKER = "<!-- course-map -->"
+
+
+def _yaml(path):
+    import yaml
+
+    return yaml.safe_load(path.read_text(encoding="utf-8"))
+
+
+def chapter_facts(path):
+    """Title, the chapters a notebook links to in its opening cell, its headings, word count and
+    number of exercises, read from the notebook itself."""
+    import re
+
+    import nbformat
+
+    nb = nbformat.read(str(path), as_version=4)
+    first = nb.cells[0].source
+    title = next(line[2:].strip() for line in first.splitlines() if line.startswith("# "))
+    builds_on = sorted(set(re.findall(r"\{doc\}`(\d\d_[a-z0-9_]+)`", first)) - {path.stem})
+    headings, words, exercises = [], 0, 0
+    for cell in nb.cells:
+        words += len(re.findall(r"\w+", cell.source))
+        if cell.cell_type == "markdown":
+            headings += [h.strip() for h in re.findall(r"^#+ (.+)$", cell.source, flags=re.M)]
+            exercises += len(re.findall(r"^```\{exercise\}", cell.source, flags=re.M))
+    return {"title": title, "builds_on": builds_on, "headings": headings,
+            "minutes": max(5, 5 * round(words / WORDS_PER_MINUTE / 5)), "exercises": exercises}
+
+
+def course_map_markdown(root):
+    """The intro's course map as MyST Markdown, from ``book/course_map.yml`` and the notebooks."""
+    from pathlib import Path
+
+    root = Path(root)
+    data = _yaml(root / "book" / "course_map.yml")
+    toc = _yaml(root / "_toc.yml")
+    order = [f["file"].split("/")[-1] for part in toc["parts"] for f in part.get("chapters", [])
+             if f["file"].startswith("chapters/")]
+    number = {stem: i + 1 for i, stem in enumerate(order)}
+    facts = {stem: chapter_facts(root / "chapters" / f"{stem}.ipynb") for stem in order}
+    lines = ["| | chapter | builds on | reading | exercises |", "| --- | --- | --- | --- | --- |"]
+    for stem in order:
+        f = facts[stem]
+        deps = ", ".join(str(number[d]) for d in f["builds_on"] if d in number) or "—"
+        lines.append(f"| {number[stem]} | {{doc}}`../chapters/{stem}`: {data['chapters'][stem]} | {deps} "
+                     f"| ~{f['minutes']} min | {f['exercises']} |")
+    lines += ["", "**The questions learners bring**, and where each is answered with an experiment:", "",
+              "| question | answered in |", "| --- | --- |"]
+    for q in data["questions"]:
+        lines.append(f"| {q['question']} | {number[q['chapter']]}, {{doc}}`../chapters/{q['chapter']}`: "
+                     f"*{q['section']}* |")
+    return "\n".join(lines) + "\n"
+
+
+def _course_map(app, docname, source):
+    if MAP_MARKER in source[0]:
+        from pathlib import Path
+
+        source[0] = source[0].replace(MAP_MARKER, course_map_markdown(Path(app.srcdir)))
+
+
+def used_in(root):
+    """``{"attn_course.flash.flash_attention": ["08_exact_attention_in_tiles", ...], ...}``: the
+    chapters whose code cells use each public name of the package, read from the notebooks'
+    imports (``from attn_course.m import f``) and attribute uses of imported modules (``m.f``)."""
+    import ast
+    from pathlib import Path
+
+    import nbformat
+
+    root = Path(root)
+    found: dict[str, set] = {}
+    for path in sorted((root / "chapters").glob("[0-9][0-9]_*.ipynb")):
+        modules = {}
+        for cell in nbformat.read(str(path), as_version=4).cells:
+            if cell.cell_type != "code":
+                continue
+            source = "\n".join(line for line in cell.source.splitlines()
+                               if not line.lstrip().startswith(("%", "!")))
+            try:
+                tree = ast.parse(source)
+            except SyntaxError:
+                continue
+            for node in ast.walk(tree):
+                if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("attn_course"):
+                    for alias in node.names:
+                        full = f"{node.module}.{alias.name}"
+                        found.setdefault(full, set()).add(path.stem)
+                        if node.module == "attn_course":
+                            modules[alias.asname or alias.name] = full
+                elif (isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name)
+                      and node.value.id in modules):
+                    found.setdefault(f"{modules[node.value.id]}.{node.attr}", set()).add(path.stem)
+    return {name: sorted(stems) for name, stems in found.items()}
+
+
+def _used_in_lines(app, what, name, obj, options, lines):
+    if what not in ("function", "class") or name.count(".") != 2:
+        return
+    uses = getattr(app.env, "_course_used_in", None)
+    if uses is None:
+        from pathlib import Path
+
+        uses = app.env._course_used_in = used_in(Path(app.srcdir))
+    if name in uses:
+        links = ", ".join(f":doc:`/chapters/{stem}`" for stem in uses[name])
+        lines.extend(["", f"**Used in:** {links}"])
+
+
 def setup(app):
+    app.connect("autodoc-process-docstring", _used_in_lines)
     app.connect("config-inited", _install_line)
+    app.connect("source-read", _course_map)
     app.connect("html-page-context", _unique_scripts, priority=900)
     return {"parallel_read_safe": True, "parallel_write_safe": True}
