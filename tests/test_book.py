@@ -170,16 +170,20 @@ def test_at_least_six_exercises_each_with_a_folded_solution(chapter):
     assert first_solution > md.index("## Solutions"), "solutions come after all the exercises"
 
 
-def test_auto_checked_exercises_stub_then_strict_solution(chapter):
-    path, nb = chapter
-    chapter_id = "ch" + path.name[:2]
+def _stubs_and_strict(nb):
     code = _sources(nb, "code")
-    registered = {n for n in list_exercises() if n.startswith(chapter_id + ".")}
     stubs = {m for src in code if "raise NotImplementedError" in src
              for m in re.findall(r'check\("([\w.]+)", \w+\)', src)}
     strict = {m for src in code for m in re.findall(r'check\("([\w.]+)", \w+, strict=True\)', src)}
-    assert len(stubs) >= 3, f"{path.name}: at least three auto-checked exercises"
-    assert stubs == strict == registered, (stubs, strict, registered)
+    return stubs, strict
+
+
+def test_auto_checked_exercises_stub_then_strict_solution(chapter):
+    path, nb = chapter
+    stubs, strict = _stubs_and_strict(nb)
+    assert len(stubs) >= 4, f"{path.name}: at least four auto-checked exercises"
+    assert stubs == strict, (stubs, strict)
+    assert stubs <= set(list_exercises()), stubs - set(list_exercises())
     # the stubs' stored output says "not answered yet" and the solutions' says passed
     outputs = {c.source: "".join(o.get("text", "") for o in c.outputs) for c in nb.cells if c.cell_type == "code"}
     for src, out in outputs.items():
@@ -187,6 +191,26 @@ def test_auto_checked_exercises_stub_then_strict_solution(chapter):
             assert "✅" in out
         elif "raise NotImplementedError" in src and "check(" in src:
             assert "not answered yet" in out
+
+
+def test_quick_checks_for_readers_without_a_kernel(chapter):
+    """Each chapter asks a few conceptual questions whose answers fold out on the static page."""
+    path, nb = chapter
+    md = "\n".join(_sources(nb, "markdown"))
+    checks = re.findall(r"```\{admonition\} ([^\n]+)\n:class: dropdown quick-check\n\n(.+?)\n```", md, flags=re.S)
+    assert len(checks) >= 3, f"{path.name}: {len(checks)} quick checks"
+    assert all(q.strip().endswith("?") and len(a.split()) >= 8 for q, a in checks)
+    assert md.index("## Check yourself") < md.index("## Summary")
+
+
+def test_every_registered_exercise_is_asked_in_exactly_one_chapter():
+    """Exercise ids are named by topic, not by chapter: this ties each to the one chapter that asks it."""
+    asked = {}
+    for path in CHAPTERS:
+        for name in _stubs_and_strict(nbformat.read(path, as_version=4))[0]:
+            asked.setdefault(name, []).append(path.stem)
+    assert sorted(asked) == list_exercises(), set(list_exercises()) ^ set(asked)
+    assert all(len(stems) == 1 for stems in asked.values()), {n: s for n, s in asked.items() if len(s) > 1}
 
 
 def test_key_figures_have_captions_and_alt_text(chapter):
