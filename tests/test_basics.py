@@ -145,6 +145,27 @@ def test_nadaraya_watson_rows_sum_to_one_and_predictions_stay_in_range(n, m, h, 
     assert torch.all(y_hat >= y.min() - 1e-5) and torch.all(y_hat <= y.max() + 1e-5)
 
 
+def test_nadaraya_watson_learns_a_tensor_bandwidth_by_gradient_descent():
+    """A 0-d tensor sigma is accepted and gradients reach it, equal to the closed-form derivative."""
+    x = torch.tensor([0.0, 1.0, 3.0], dtype=torch.float64)
+    y = torch.tensor([1.0, 2.0, 4.0], dtype=torch.float64)
+    q = torch.tensor([0.5, 2.0], dtype=torch.float64)
+    sigma = torch.tensor(0.7, dtype=torch.float64, requires_grad=True)
+    y_hat, w = basics.nadaraya_watson(x, y, q, bandwidth=sigma)
+    same, _ = basics.nadaraya_watson(x, y, q, bandwidth=0.7)
+    torch.testing.assert_close(y_hat, same)
+    y_hat.sum().backward()
+    # d/dsigma of sum_i w_i y_i with w = softmax(-(q - x)^2 / (2 sigma^2)): finite difference reference
+    eps = 1e-6
+    up = basics.nadaraya_watson(x, y, q, bandwidth=0.7 + eps)[0].sum()
+    down = basics.nadaraya_watson(x, y, q, bandwidth=0.7 - eps)[0].sum()
+    assert sigma.grad.item() == pytest.approx(((up - down) / (2 * eps)).item(), rel=1e-6)
+    with pytest.raises(ValueError, match="bandwidth"):
+        basics.nadaraya_watson(x, y, q, bandwidth=torch.tensor(-1.0, dtype=torch.float64))
+    with pytest.raises(TypeError, match="bandwidth"):
+        basics.nadaraya_watson(x, y, q, bandwidth=torch.ones(2, dtype=torch.float64))
+
+
 @pytest.mark.parametrize("args, kwargs, exc, word", [
     ((torch.zeros(3), torch.zeros(4), torch.zeros(2)), {}, ValueError, "y_train"),
     ((torch.zeros(3, 1), torch.zeros(3), torch.zeros(2)), {}, ValueError, "x_train"),

@@ -93,7 +93,8 @@ def nadaraya_watson(x_train: torch.Tensor, y_train: torch.Tensor, x_query: torch
         x_train: ``(n_train,)`` keys.
         y_train: ``(n_train,)`` values.
         x_query: ``(n_query,)`` queries.
-        bandwidth: ``sigma > 0``.
+        bandwidth: ``sigma > 0``, a number or a 0-d float tensor (a learnable ``sigma``: gradients flow
+            through it).
 
     Returns:
         ``y_pred (n_query,)`` and ``weights (n_query, n_train)``, rows summing to 1.
@@ -107,7 +108,16 @@ def nadaraya_watson(x_train: torch.Tensor, y_train: torch.Tensor, x_query: torch
                          f"got {tuple(y_train.shape)}")
     if x_train.numel() == 0:
         raise ValueError("x_train must hold at least one point, got shape (0,)")
-    h = _checks.positive_number("bandwidth", bandwidth)
+    if isinstance(bandwidth, torch.Tensor):
+        # a learnable sigma (a 0-d tensor, possibly requires_grad): gradients flow through it
+        if bandwidth.ndim != 0 or not bandwidth.is_floating_point():
+            raise TypeError(f"bandwidth must be a number or a 0-d float tensor, got a tensor of shape "
+                            f"{tuple(bandwidth.shape)} and dtype {bandwidth.dtype}")
+        if not bool(bandwidth.detach() > 0):
+            raise ValueError(f"bandwidth must be > 0, got {bandwidth.item()!r}")
+        h = bandwidth.to(device=x_query.device, dtype=x_query.dtype)
+    else:
+        h = _checks.positive_number("bandwidth", bandwidth)
     diff = (x_query[:, None] - x_train[None, :]) / h  # (n_query, n_train)
     weights = torch.softmax(-0.5 * diff**2, dim=-1)
     return weights @ y_train, weights

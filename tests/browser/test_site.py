@@ -140,6 +140,36 @@ def test_static_sliders_move_the_figure_and_no_live_widgets(visit, chapter):
 
 
 @pytest.mark.parametrize("chapter", CHAPTERS)
+def test_quick_checks_fold_out_without_a_kernel(visit, chapter):
+    """The "Check yourself" questions show their question, hide the answer, and open on a click."""
+    page = visit(f"{chapter}.html").page
+    checks = page.locator(".admonition.quick-check")
+    assert checks.count() >= 3
+    for i in range(checks.count()):
+        check = checks.nth(i)
+        title = check.locator(".admonition-title")
+        answer = check.locator("p:not(.admonition-title)").first
+        title.scroll_into_view_if_needed()
+        assert title.inner_text().strip().endswith("?")
+        assert not answer.is_visible(), "the answer is folded until the reader asks for it"
+        title.click()
+        answer.wait_for(state="visible", timeout=2000)
+        assert len(answer.inner_text().split()) >= 8
+
+
+def test_front_matter_pages_are_reachable_from_the_intro(visit):
+    page = visit("book/intro.html").page
+    hrefs = page.eval_on_selector_all("article a[href]", "els => els.map(e => e.getAttribute('href'))")
+    for target in ("glossary.html", "troubleshooting.html", "next.html", "notation.html"):
+        assert any(h.split("#")[0].endswith(target) for h in hrefs), target
+    # the generated course map: one row per chapter, each linking to its chapter
+    rows = page.locator("table").first.locator("tbody tr")
+    assert rows.count() == len(CHAPTERS)
+    for i, chapter in enumerate(CHAPTERS):
+        assert rows.nth(i).locator(f'a[href$="{chapter.split("/")[-1]}.html"]').count() == 1
+
+
+@pytest.mark.parametrize("chapter", CHAPTERS)
 def test_dark_mode_keeps_figures_on_white(visit, chapter):
     v = visit(f"{chapter}.html", color_scheme="dark")
     page = v.page
