@@ -50,8 +50,8 @@ def _yaml(path):
 
 
 def chapter_facts(path):
-    """Title, the chapters a notebook links to in its opening cell, its headings, word count and
-    number of exercises, read from the notebook itself."""
+    """Title, the chapters a notebook's **Prerequisites.** paragraph links to, its headings, word
+    count and number of exercises, read from the notebook itself."""
     import re
 
     import nbformat
@@ -59,7 +59,9 @@ def chapter_facts(path):
     nb = nbformat.read(str(path), as_version=4)
     first = nb.cells[0].source
     title = next(line[2:].strip() for line in first.splitlines() if line.startswith("# "))
-    builds_on = sorted(set(re.findall(r"\{doc\}`(\d\d_[a-z0-9_]+)`", first)) - {path.stem})
+    prerequisites = re.search(r"\*\*Prerequisites\.\*\*(.*?)(\n\n|$)", first, flags=re.S)
+    links = re.findall(r"\{doc\}`(\d\d_[a-z0-9_]+)`", prerequisites.group(1) if prerequisites else "")
+    builds_on = sorted(set(links) - {path.stem})
     headings, words, exercises = [], 0, 0
     for cell in nb.cells:
         words += len(re.findall(r"\w+", cell.source))

@@ -8,14 +8,15 @@ opposite convention; :func:`masks_from_torch` converts).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from . import _checks
 from .basics import causal_mask, masked_softmax
+
+# the KV caches live in serving (chapter 9); chapter 4 and transformer.py import them from here
+from .serving import KVCache, PagedKVCache, SinkKVCache, kv_cache_bytes
 
 __all__ = [
     "MultiHeadAttention",
@@ -209,147 +210,6 @@ class MultiHeadAttention(nn.Module):
         return new
 
 
-@dataclass
-class KVCache:
-    """Keys and values of the tokens decoded so far, ``(B, G, T, d)`` each (``G`` KV heads)."""
-
-    key: torch.Tensor | None = None
-    value: torch.Tensor | None = None
-
-    @property
-    def length(self) -> int:
-        return 0 if self.key is None else self.key.shape[2]
-
-    @property
-    def nbytes(self) -> int:
-        """Bytes held by the cache (keys and values)."""
-        return 0 if self.key is None else self.key.nbytes + self.value.nbytes
-
-    def append(self, key: torch.Tensor, value: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Add the new tokens' keys and values; return all of them."""
-        if self.key is None:
-            self.key, self.value = key, value
-        else:
-            self.key = torch.cat([self.key, key], dim=2)
-            self.value = torch.cat([self.value, value], dim=2)
-        return self.key, self.value
-
-
-class PagedKVCache:
-    r"""A paged key/value cache (vLLM, Kwon et al., 2023): fixed-size blocks from one shared pool.
-
-    Instead of one contiguous ``(G, T, d)`` buffer per sequence, grown by copying or
-    reserved for the longest possible length, the cache owns a pool of
-    ``num_blocks`` blocks of ``block_size`` token slots each. Every sequence has a
-    *block table*: the list of pool blocks that hold its tokens, in order. Token
-    ``t`` of a sequence lives in block ``table[t // block_size]``, slot
-    ``t % block_size``. Only a sequence's last block can be partly empty, so at most
-    ``block_size - 1`` slots per sequence are wasted (internal fragmentation), and a
-    finished sequence returns its blocks to the pool at once.
-
-    Args:
-        num_blocks: blocks in the pool. block_size: token slots per block.
-        num_kv_heads, head_dim: the shape ``(G, d)`` of one token's keys (and values).
-    """
-
-    def __init__(self, num_blocks: int, block_size: int, num_kv_heads: int, head_dim: int, *,
-                 dtype: torch.dtype = torch.float32, device=None):
-        self.num_blocks = _checks.positive_number("num_blocks", num_blocks, integer=True)
-        self.block_size = _checks.positive_number("block_size", block_size, integer=True)
-        G = _checks.positive_number("num_kv_heads", num_kv_heads, integer=True)
-        d = _checks.positive_number("head_dim", head_dim, integer=True)
-        if dtype not in _checks.FLOAT_DTYPES:
-            raise TypeError(f"dtype must be a floating-point dtype, got {dtype}")
-        shape = (self.num_blocks, G, self.block_size, d)
-        self.key_pool = torch.zeros(shape, dtype=dtype, device=device)     # (N_blocks, G, b, d)
-        self.value_pool = torch.zeros(shape, dtype=dtype, device=device)
-        self.free_blocks = list(range(self.num_blocks))
-        self.block_tables: dict = {}
-        self.lengths: dict = {}
-
-    def append(self, seq_id, key: torch.Tensor, value: torch.Tensor) -> None:
-        """Write the new tokens' ``key``, ``value`` ``(G, T_new, d)`` of sequence ``seq_id``."""
-        G, b, d = self.key_pool.shape[1], self.block_size, self.key_pool.shape[3]
-        for name, x in (("key", key), ("value", value)):
-            _checks.float_tensor(name, x, ndim=3)
-            if x.shape[0] != G or x.shape[2] != d:
-                raise ValueError(f"{name} must be (num_kv_heads={G}, T_new, head_dim={d}), got {tuple(x.shape)}")
-        if key.shape != value.shape:
-            raise ValueError(f"key and value must have one shape, got {tuple(key.shape)} and {tuple(value.shape)}")
-        table = self.block_tables.setdefault(seq_id, [])
-        length = self.lengths.get(seq_id, 0)
-        new = key.shape[1]
-        needed = -(-(length + new) // b) - len(table)
-        if needed > len(self.free_blocks):
-            raise ValueError(f"the pool has {len(self.free_blocks)} free blocks but sequence {seq_id!r} needs "
-                             f"{needed} more for {new} new tokens: free a finished sequence or make num_blocks larger")
-        table.extend(self.free_blocks.pop(0) for _ in range(needed))
-        pos = torch.arange(length, length + new)
-        blocks = torch.tensor(table, dtype=torch.long)[pos // b].to(self.key_pool.device)
-        slots = (pos % b).to(self.key_pool.device)
-        self.key_pool[blocks, :, slots] = key.transpose(0, 1).to(self.key_pool)    # (T_new, G, d) rows
-        self.value_pool[blocks, :, slots] = value.transpose(0, 1).to(self.value_pool)
-        self.lengths[seq_id] = length + new
-
-    def gather(self, seq_id) -> tuple[torch.Tensor, torch.Tensor]:
-        """Sequence ``seq_id``'s keys and values, ``(G, T, d)`` each, read through its block table."""
-        if seq_id not in self.block_tables:
-            raise KeyError(f"unknown seq_id {seq_id!r}; cached sequences: {list(self.block_tables)}")
-        table = torch.tensor(self.block_tables[seq_id], dtype=torch.long, device=self.key_pool.device)
-        T = self.lengths[seq_id]
-        G, d = self.key_pool.shape[1], self.key_pool.shape[3]
-
-        def read(pool):   # (n, G, b, d) -> (G, n * b, d) -> the first T tokens
-            return pool[table].transpose(0, 1).reshape(G, -1, d)[:, :T]
-
-        return read(self.key_pool), read(self.value_pool)
-
-    def free(self, seq_id) -> None:
-        """Return sequence ``seq_id``'s blocks to the pool."""
-        if seq_id not in self.block_tables:
-            raise KeyError(f"unknown seq_id {seq_id!r}; cached sequences: {list(self.block_tables)}")
-        self.free_blocks.extend(self.block_tables.pop(seq_id))
-        del self.lengths[seq_id]
-
-    def usage(self) -> dict[str, int | float]:
-        """Token slots used and allocated, and the share of allocated slots left empty."""
-        used = sum(self.lengths.values())
-        allocated = sum(len(t) for t in self.block_tables.values()) * self.block_size
-        return {"used_slots": used, "allocated_slots": allocated,
-                "fragmentation": 0.0 if allocated == 0 else 1 - used / allocated,
-                "free_blocks": len(self.free_blocks)}
-
-
-class SinkKVCache(KVCache):
-    """A decoding cache of fixed size: the first ``num_sinks`` tokens and the last ``window`` ones.
-
-    StreamingLLM (Xiao et al., 2023): a pure sliding window evicts the first tokens, on
-    which trained language models put much of their attention ("attention sinks"), and
-    the output drifts; keeping those few tokens keeps it close to full attention while
-    memory stays flat at ``num_sinks + window`` tokens. A :class:`KVCache` (keys and values
-    ``(B, G, T, d)``, ``length``, ``nbytes``) that evicts from the middle; ``seen`` counts
-    every token appended.
-    """
-
-    def __init__(self, num_sinks: int = 4, window: int = 64):
-        super().__init__()
-        if isinstance(num_sinks, bool) or not isinstance(num_sinks, int) or num_sinks < 0:
-            raise ValueError(f"num_sinks must be an int >= 0, got {num_sinks!r}")
-        self.num_sinks = num_sinks
-        self.window = _checks.positive_number("window", window, integer=True)
-        self.seen = 0
-
-    def append(self, key: torch.Tensor, value: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Add new tokens, evict from the middle, and return what the next query may attend to."""
-        super().append(key, value)
-        self.seen += key.shape[2]
-        if self.length > self.num_sinks + self.window:
-            s, w = self.num_sinks, self.window
-            self.key = torch.cat([self.key[:, :, :s], self.key[:, :, -w:]], dim=2)
-            self.value = torch.cat([self.value[:, :, :s], self.value[:, :, -w:]], dim=2)
-        return self.key, self.value
-
-
 class GroupedQueryAttention(nn.Module):
     r"""Grouped-query attention (Ainslie et al., 2023): ``H`` query heads share ``G`` key/value heads.
 
@@ -357,7 +217,7 @@ class GroupedQueryAttention(nn.Module):
     multi-query attention (Shazeer, 2019). Each group of ``H / G`` query heads reads the
     same keys and values, so a decoding cache holds ``G`` heads instead of ``H``.
     ``forward(x (B, L, E), mask=None, *, is_causal=False, cache=None) -> (output, weights)``.
-    With a :class:`KVCache`, ``x`` holds only the new tokens: their keys and values are
+    With a :class:`~attn_course.serving.KVCache`, ``x`` holds only the new tokens: their keys and values are
     appended to the cache and they attend to every cached token (causally, if
     ``is_causal``); ``weights`` is then ``(B, H, L, T)`` for ``T`` tokens in all.
     """
@@ -529,16 +389,6 @@ class ParallelAttentionClassifiers(nn.Module):
             heads = heads * head_mask.to(heads.dtype)[:, None, :, None, None]
         out = linear(heads.transpose(2, 3).flatten(-2), "attention_out_proj")                 # (M, B, L, E)
         return linear(out, "readout"), weights
-
-
-def kv_cache_bytes(num_layers: int, num_kv_heads: int, head_dim: int, seq_len: int,
-                   batch_size: int = 1, bytes_per_value: int = 2) -> int:
-    """Memory of a decoding key/value cache: ``2 (K and V) x layers x kv heads x head_dim x L x B x bytes``."""
-    args = dict(num_layers=num_layers, num_kv_heads=num_kv_heads, head_dim=head_dim,
-                seq_len=seq_len, batch_size=batch_size, bytes_per_value=bytes_per_value)
-    for name, v in args.items():
-        _checks.positive_number(name, v, integer=True)
-    return 2 * num_layers * num_kv_heads * head_dim * seq_len * batch_size * bytes_per_value
 
 
 def attention_flops(length_q: int, length_k: int, embed_dim: int, num_heads: int) -> dict[str, int]:
