@@ -18,7 +18,19 @@ __version__ = "0.1.0"
 
 
 def get_device() -> torch.device:
-    """The best available device: CUDA, else Apple's MPS, else the CPU."""
+    """The best available device: CUDA, else Apple's MPS, else the CPU.
+
+    Every chapter's setup cell calls it once and moves its tensors and models there.
+
+    Example:
+        >>> import torch
+        >>> from attn_course import get_device
+        >>> device = get_device()
+        >>> device.type in ("cuda", "mps", "cpu")
+        True
+        >>> torch.ones(2, device=device).device.type == device.type
+        True
+    """
     if torch.cuda.is_available():
         return torch.device("cuda")
     mps = getattr(torch.backends, "mps", None)
@@ -28,7 +40,22 @@ def get_device() -> torch.device:
 
 
 def seed_everything(seed: int) -> None:
-    """Seed Python's, NumPy's and torch's random number generators (CUDA's too)."""
+    """Seed Python's, NumPy's and torch's random number generators (CUDA's too).
+
+    Args:
+        seed: an int in ``[0, 2**32)``.
+
+    Example:
+        >>> import random
+        >>> import torch
+        >>> from attn_course import seed_everything
+        >>> seed_everything(0)
+        >>> first = (random.random(), torch.rand(2))
+        >>> seed_everything(0)
+        >>> second = (random.random(), torch.rand(2))
+        >>> first[0] == second[0], torch.equal(first[1], second[1])
+        (True, True)
+    """
     if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)):
         raise TypeError(f"seed must be an int, got {type(seed).__name__}")
     if not 0 <= seed < 2**32:

@@ -38,6 +38,19 @@ def softmax(x, axis: int = -1, temperature: float = 1.0) -> np.ndarray:
     from overflowing. A low temperature ``T`` sharpens the distribution
     towards the arg-max, a high one flattens it towards uniform. Entries of
     ``-inf`` get weight 0; a slice that is ``-inf`` throughout gets zeros.
+
+    Example:
+        >>> import numpy as np
+        >>> from attn_course.basics import softmax
+        >>> x = np.array([1.0, 2.0, 3.0])
+        >>> softmax(x).round(4).tolist(), round(float(softmax(x).sum()), 6)
+        ([0.09, 0.2447, 0.6652], 1.0)
+        >>> softmax(x, temperature=0.01).round(4).tolist()    # cold: the arg-max
+        [0.0, 0.0, 1.0]
+        >>> softmax(x, temperature=100.0).round(2).tolist()   # hot: nearly uniform
+        [0.33, 0.33, 0.34]
+        >>> softmax(np.array([1000.0, 1000.0, -np.inf])).tolist()   # no overflow; -inf gets 0
+        [0.5, 0.5, 0.0]
     """
     if isinstance(x, torch.Tensor):
         raise TypeError("x must be a NumPy array (this is the NumPy softmax); "
@@ -66,6 +79,15 @@ def masked_softmax(scores: torch.Tensor, mask: torch.Tensor | None = None, dim: 
     ``mask`` is boolean, broadcasts to ``scores`` and is ``True`` where a key
     may be attended to. A row whose entries are all masked gets all-zero
     weights (never NaN).
+
+    Example:
+        >>> import torch
+        >>> from attn_course.basics import masked_softmax
+        >>> scores = torch.tensor([[1.0, 1.0, 5.0], [2.0, 3.0, 4.0]])
+        >>> mask = torch.tensor([[True, True, False], [False, False, False]])
+        >>> masked_softmax(scores, mask)   # row 2: every key masked, zeros rather than NaN
+        tensor([[0.5000, 0.5000, 0.0000],
+                [0.0000, 0.0000, 0.0000]])
     """
     _checks.float_tensor("scores", scores)
     if not -scores.ndim <= dim < scores.ndim:
@@ -98,6 +120,18 @@ def nadaraya_watson(x_train: torch.Tensor, y_train: torch.Tensor, x_query: torch
 
     Returns:
         ``y_pred (n_query,)`` and ``weights (n_query, n_train)``, rows summing to 1.
+
+    Example:
+        A narrow kernel returns the nearest key's value, a wide one the mean of all values:
+
+        >>> import torch
+        >>> from attn_course.basics import nadaraya_watson
+        >>> x_train, y_train = torch.tensor([0.0, 1.0, 2.0]), torch.tensor([0.0, 1.0, 5.0])
+        >>> x_query = torch.tensor([1.0])
+        >>> y_narrow, weights = nadaraya_watson(x_train, y_train, x_query, bandwidth=0.05)
+        >>> y_wide, _ = nadaraya_watson(x_train, y_train, x_query, bandwidth=1000.0)
+        >>> round(y_narrow.item(), 4), round(y_wide.item(), 4), tuple(weights.shape)
+        (1.0, 2.0, (1, 3))
     """
     _checks.float_tensor("x_train", x_train, ndim=1)
     _checks.float_tensor("y_train", y_train, ndim=1)
@@ -194,6 +228,23 @@ def scaled_dot_product_attention(query: torch.Tensor, key: torch.Tensor, value: 
         ``output (..., L_q, d_v)`` equal to ``torch.nn.functional.scaled_dot_product_attention``
         and ``weights (..., L_q, L_k)``. A query whose keys are all masked gets
         zero weights and a zero output.
+
+    Example:
+        >>> import torch
+        >>> import torch.nn.functional as F
+        >>> from attn_course.basics import scaled_dot_product_attention
+        >>> _ = torch.manual_seed(0)
+        >>> q, k, v = torch.randn(2, 4, 8), torch.randn(2, 6, 8), torch.randn(2, 6, 5)
+        >>> out, weights = scaled_dot_product_attention(q, k, v)
+        >>> tuple(out.shape), tuple(weights.shape)
+        ((2, 4, 5), (2, 4, 6))
+        >>> torch.allclose(out, F.scaled_dot_product_attention(q, k, v), atol=1e-6)
+        True
+        >>> torch.allclose(weights.sum(-1), torch.ones(2, 4))
+        True
+        >>> _, causal = scaled_dot_product_attention(q, q, v[:, :4], is_causal=True)
+        >>> causal[0, 0]                      # the first query sees only the first key
+        tensor([1., 0., 0., 0.])
     """
     scale, mask = _scores_setup(query, key, value, mask, is_causal, scale)
     if isinstance(dropout_p, bool) or not isinstance(dropout_p, (int, float)) or not 0 <= dropout_p < 1:
@@ -210,6 +261,20 @@ class AdditiveAttention(nn.Module):
     Queries and keys may have different sizes; a one-hidden-layer MLP scores each pair.
     ``forward(query (..., L_q, query_dim), key (..., L_k, key_dim), value (..., L_k, d_v),
     mask=None) -> (output (..., L_q, d_v), weights (..., L_q, L_k))``.
+
+    Example:
+        >>> import torch
+        >>> from attn_course.basics import AdditiveAttention
+        >>> _ = torch.manual_seed(0)
+        >>> attention = AdditiveAttention(query_dim=4, key_dim=6, hidden_dim=8)
+        >>> q, k, v = torch.randn(2, 3, 4), torch.randn(2, 5, 6), torch.randn(2, 5, 7)
+        >>> padding = torch.tensor([True, True, True, False, False])   # the last two keys are padding
+        >>> out, weights = attention(q, k, v, padding)
+        >>> tuple(out.shape), weights[..., 3:].abs().max().item()
+        ((2, 3, 7), 0.0)
+        >>> s = attention.w_v(torch.tanh(attention.W_q(q[0, 0]) + attention.W_k(k[0, 1])))
+        >>> torch.allclose(attention.scores(q, k)[0, 0, 1], s[0])   # w_v^T tanh(W_q q + W_k k)
+        True
     """
 
     def __init__(self, query_dim: int, key_dim: int, hidden_dim: int):
@@ -241,6 +306,19 @@ class MultiplicativeAttention(nn.Module):
 
     ``forward(query (..., L_q, query_dim), key (..., L_k, key_dim), value (..., L_k, d_v),
     mask=None) -> (output (..., L_q, d_v), weights (..., L_q, L_k))``. Unscaled, as in the paper.
+
+    Example:
+        >>> import torch
+        >>> from attn_course.basics import MultiplicativeAttention
+        >>> _ = torch.manual_seed(0)
+        >>> attention = MultiplicativeAttention(query_dim=4, key_dim=6)
+        >>> q, k, v = torch.randn(1, 3, 4), torch.randn(1, 5, 6), torch.randn(1, 5, 2)
+        >>> out, weights = attention(q, k, v)
+        >>> tuple(out.shape), tuple(weights.shape)
+        ((1, 3, 2), (1, 3, 5))
+        >>> W = attention.W.weight                                 # (query_dim, key_dim)
+        >>> torch.allclose(attention.scores(q, k), q @ W @ k.transpose(-2, -1), atol=1e-6)
+        True
     """
 
     def __init__(self, query_dim: int, key_dim: int):
@@ -279,6 +357,20 @@ class FixedSelectionPool(nn.Module):
     .. math:: \hat y = \sum_i \mathrm{softmax}(\theta)_i\, v_i
 
     ``forward(x (B, L, d)) -> (y (B,), weights (B, L))`` with ``v_i = x[..., i, 0]``.
+    The course's baseline, not a paper's model: a softmax relaxation of selecting one input
+    feature, like one selector unit of the concrete autoencoder (Abid et al., 2019), with a
+    plain softmax where they sample a Gumbel-softmax.
+
+    Example:
+        >>> import torch
+        >>> from attn_course.basics import FixedSelectionPool
+        >>> pool = FixedSelectionPool(length=4)
+        >>> x = torch.randn(2, 4, 3)
+        >>> y, weights = pool(x)
+        >>> weights.tolist()              # before training: uniform, and the same for every input
+        [[0.25, 0.25, 0.25, 0.25], [0.25, 0.25, 0.25, 0.25]]
+        >>> torch.allclose(y, x[..., 0].mean(-1))
+        True
     """
 
     def __init__(self, length: int):
@@ -298,6 +390,20 @@ class ContentAttentionPool(nn.Module):
 
     A single learned query ``q`` scores every position's features ``x_i``, so
     the weights move with the input. ``forward(x (B, L, d)) -> (y (B,), weights (B, L))``.
+    It is the feed-forward attention of Raffel and Ellis (2015) with a linear scorer,
+    pooling the value channel ``v_i = x[..., i, 0]``.
+
+    Example:
+        >>> import torch
+        >>> from attn_course.basics import ContentAttentionPool
+        >>> _ = torch.manual_seed(0)
+        >>> pool = ContentAttentionPool(num_features=2)
+        >>> x = torch.randn(3, 5, 2)
+        >>> y, weights = pool(x)
+        >>> tuple(y.shape), torch.allclose(weights.sum(-1), torch.ones(3))
+        ((3,), True)
+        >>> torch.allclose(pool(x.flip(1))[1], weights.flip(1))   # the weights follow the content
+        True
     """
 
     def __init__(self, num_features: int):

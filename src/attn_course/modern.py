@@ -1,4 +1,4 @@
-"""Chapter 8, attention in today's LLMs: what "MLA", "5:1 local/global", "sparse attention" and
+"""Chapter 11, attention in today's LLMs: what "MLA", "5:1 local/global", "sparse attention" and
 "linear attention / DeltaNet" on a model card mean, and what each one buys.
 
 - :class:`MultiHeadLatentAttention` (DeepSeek-V2): keys and values rebuilt from a small
@@ -116,6 +116,21 @@ def linear_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor
 
     Returns:
         ``(..., L_q, d_v)`` in the dtype and on the device of ``query``.
+
+    Example:
+        It equals the quadratic form it replaces, and the chunk size changes nothing:
+
+        >>> import torch
+        >>> import torch.nn.functional as F
+        >>> from attn_course.modern import linear_attention
+        >>> _ = torch.manual_seed(0)
+        >>> q, k, v = torch.randn(3, 2, 10, 4).unbind(0)              # (B, L, d) each
+        >>> out = linear_attention(q, k, v)                             # causal
+        >>> A = ((F.elu(q) + 1) @ (F.elu(k) + 1).transpose(-2, -1)).tril()   # phi(q_i) . phi(k_j), j <= i
+        >>> torch.allclose(out, (A @ v) / A.sum(-1, keepdim=True), atol=1e-5)
+        True
+        >>> torch.allclose(linear_attention(q, k, v, chunk_size=3), out, atol=1e-5)
+        True
     """
     for name, x in (("query", query), ("key", key), ("value", value)):
         _checks.float_tensor(name, x, min_ndim=2)
@@ -179,6 +194,22 @@ def delta_rule_step(state: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
 
     Shapes: ``state (..., d_v, d_k)``, ``key (..., d_k)``, ``value (..., d_v)``, ``beta`` and
     ``gate`` ``(...)`` in ``[0, 1]``. Returns the new state ``(..., d_v, d_k)``.
+
+    Example:
+        With ``beta = gate = 1`` and a unit key, the state then returns exactly the new value:
+
+        >>> import torch
+        >>> import torch.nn.functional as F
+        >>> from attn_course.modern import delta_rule_step
+        >>> _ = torch.manual_seed(0)
+        >>> state, value = torch.randn(3, 4), torch.randn(3)          # (d_v, d_k), (d_v,)
+        >>> key = F.normalize(torch.randn(4), dim=0)
+        >>> new = delta_rule_step(state, key, value, beta=torch.tensor(1.0), gate=torch.tensor(1.0))
+        >>> torch.allclose(new @ key, value, atol=1e-6)
+        True
+        >>> half = delta_rule_step(state, key, value, beta=torch.tensor(0.5), gate=torch.tensor(1.0))
+        >>> torch.allclose(half @ key, (state @ key + value) / 2, atol=1e-6)   # halfway there
+        True
     """
     _checks.float_tensor("state", state, min_ndim=2)
     _checks.float_tensor("key", key)
@@ -237,6 +268,23 @@ def gated_delta_rule(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor
 
     Returns:
         ``output (B, H, L, d_v)`` and the final ``state (B, H, d_v, d_k)``, in the input dtype.
+
+    Example:
+        The chunked parallel form gives the step-by-step recurrence's result:
+
+        >>> import torch
+        >>> import torch.nn.functional as F
+        >>> from attn_course.modern import gated_delta_rule
+        >>> _ = torch.manual_seed(0)
+        >>> q, k = torch.randn(2, 1, 2, 12, 4).unbind(0)              # (B, H, L, d_k)
+        >>> k = F.normalize(k, dim=-1)
+        >>> v, beta, gate = torch.randn(1, 2, 12, 3), torch.rand(1, 2, 12), 0.5 + 0.5 * torch.rand(1, 2, 12)
+        >>> out, state = gated_delta_rule(q, k, v, beta, gate)
+        >>> tuple(out.shape), tuple(state.shape)
+        ((1, 2, 12, 3), (1, 2, 3, 4))
+        >>> out_c, state_c = gated_delta_rule(q, k, v, beta, gate, chunk_size=5)
+        >>> torch.allclose(out_c, out, atol=1e-5), torch.allclose(state_c, state, atol=1e-5)
+        (True, True)
     """
     for name, x in (("query", query), ("key", key), ("value", value)):
         _checks.float_tensor(name, x, min_ndim=2)
@@ -318,8 +366,25 @@ def _chunked_delta(q, k, v, beta, gate, S, C):
 
 @dataclass
 class MLACache:
-    """The decoding cache of :class:`MultiHeadLatentAttention`: per token, only the latent
-    ``(B, T, kv_latent_dim)`` and the rotated rope key ``(B, T, rope_dim)`` shared by all heads."""
+    r"""The decoding cache of :class:`MultiHeadLatentAttention`: per token, only the latent
+    ``(B, T, kv_latent_dim)`` and the rotated rope key ``(B, T, rope_dim)`` shared by all heads.
+
+    .. math:: \text{bytes} = B \cdot T \cdot (d_c + d_R) \cdot \text{bytes per value}
+
+    whatever the number of heads, against :math:`B \cdot T \cdot 2 H d_h` values for
+    multi-head attention (DeepSeek-AI, 2024, DeepSeek-V2, Sec. 2.1).
+
+    Example:
+        >>> import torch
+        >>> from attn_course.modern import MLACache
+        >>> cache = MLACache()
+        >>> latents, rope_keys = cache.append(torch.zeros(2, 3, 16), torch.zeros(2, 3, 4))
+        >>> cache.length, cache.nbytes                       # 2 * 3 * (16 + 4) float32 numbers
+        (3, 480)
+        >>> _ = cache.append(torch.zeros(2, 1, 16), torch.zeros(2, 1, 4))   # one decoded token
+        >>> cache.length, tuple(cache.latent.shape)
+        (4, (2, 4, 16))
+    """
 
     latent: torch.Tensor | None = None
     rope_key: torch.Tensor | None = None
@@ -372,6 +437,22 @@ class MultiHeadLatentAttention(nn.Module):
     Without a cache a new :class:`MLACache` is returned; a cache passed in is extended in place
     and returned, and ``x`` then holds only the new tokens, at positions that continue the
     cached sequence (rope included).
+
+    Example:
+        >>> import torch
+        >>> from attn_course.modern import MultiHeadLatentAttention
+        >>> _ = torch.manual_seed(0)
+        >>> mla = MultiHeadLatentAttention(embed_dim=32, num_heads=4, kv_latent_dim=8, rope_dim=4)
+        >>> x = torch.randn(2, 6, 32)
+        >>> out, cache = mla(x)
+        >>> tuple(out.shape), tuple(cache.latent.shape), tuple(cache.rope_key.shape)   # 8 + 4 per token
+        ((2, 6, 32), (2, 6, 8), (2, 6, 4))
+        >>> torch.allclose(mla(x, absorb=True)[0], out, atol=1e-5)     # the absorbed form agrees
+        True
+        >>> _, cache = mla(x[:, :5])
+        >>> last, cache = mla(x[:, 5:], cache=cache)                    # decode one more token
+        >>> torch.allclose(last, out[:, 5:], atol=1e-5), cache.length
+        (True, 6)
     """
 
     def __init__(self, embed_dim: int, num_heads: int, kv_latent_dim: int, *, head_dim: int | None = None,
@@ -490,7 +571,14 @@ ATTENTION_TYPES = ("MHA", "GQA", "MQA", "MLA")
 
 @dataclass(frozen=True)
 class AttentionConfig:
-    """What sets the decoding cache of a model's attention layers.
+    r"""What sets the decoding cache of a model's attention layers.
+
+    .. math:: \text{values per token and layer} = 2 G d_h\ \ (\text{MHA}: G = H;\ \text{GQA};\
+              \text{MQA}: G = 1),\qquad d_c + d_R\ \ (\text{MLA})
+
+    for multi-head (Vaswani et al., 2017), grouped-query (Ainslie et al., 2023), multi-query
+    (Shazeer, 2019) and multi-head latent attention (DeepSeek-AI, 2024); a local layer
+    (Beltagy et al., 2020; Jiang et al., 2023) caches at most ``window`` tokens.
 
     ``kind`` is ``"MHA"``, ``"GQA"``, ``"MQA"`` (each caching ``num_kv_heads`` keys and values
     of ``head_dim``) or ``"MLA"`` (caching ``kv_latent_dim + rope_dim`` numbers). ``window``:
@@ -500,6 +588,15 @@ class AttentionConfig:
     local; ``None`` without: all global). ``source``: where the numbers come from.
     ``max_context``: the context length the model was released for (``None`` if not given);
     a cache computed beyond it describes a model that does not exist.
+
+    Example:
+        >>> from attn_course.modern import AttentionConfig
+        >>> gqa = AttentionConfig("toy-GQA", "GQA", num_layers=6, num_kv_heads=2, head_dim=64,
+        ...                       window=512, local_per_global=2)
+        >>> gqa.values_per_token_per_layer, gqa.global_layer_flags      # 2 G d_h; local, local, global
+        (256, [False, False, True, False, False, True])
+        >>> AttentionConfig("toy-MLA", "MLA", num_layers=6, kv_latent_dim=512, rope_dim=64).values_per_token_per_layer
+        576
     """
 
     name: str
@@ -558,6 +655,13 @@ def kv_cache_bytes_at(config: AttentionConfig, context_len: int, *, batch_size: 
 
     Global layers cache every token; local layers at most ``window`` tokens (a rolling
     buffer). ``bytes_per_value=2`` is bfloat16/float16.
+
+    Example:
+        At 8k tokens, Mistral's sliding window halves the cache of an otherwise equal model:
+
+        >>> from attn_course.modern import MODEL_CONFIGS, kv_cache_bytes_at
+        >>> [kv_cache_bytes_at(MODEL_CONFIGS[name], 8192) / 2**20 for name in ("Llama-3-8B", "Mistral-7B-v0.1")]
+        [1024.0, 512.0]
     """
     if not isinstance(config, AttentionConfig):
         raise TypeError(f"config must be an AttentionConfig, got {type(config).__name__}")
@@ -574,6 +678,16 @@ def kv_bytes_per_token(config: AttentionConfig, context_len: int = 1, *, bytes_p
 
     Below the window every token costs the same; beyond it the local layers stop growing,
     so the average falls towards the cost of the global layers alone.
+
+    Example:
+        >>> from attn_course.modern import MODEL_CONFIGS, kv_bytes_per_token
+        >>> kv_bytes_per_token(MODEL_CONFIGS["Llama-3-8B"]) / 2**10       # 32 layers x 2 x 8 x 128 x 2 bytes
+        128.0
+        >>> kv_bytes_per_token(MODEL_CONFIGS["DeepSeek-V3"]) / 2**10      # 61 layers x (512 + 64) x 2 bytes
+        68.625
+        >>> gemma = MODEL_CONFIGS["Gemma-3-27B"]
+        >>> kv_bytes_per_token(gemma, 1024) > kv_bytes_per_token(gemma, 131072)   # local layers stop growing
+        True
     """
     return kv_cache_bytes_at(config, context_len, bytes_per_value=bytes_per_value) / _context(context_len)
 
@@ -619,6 +733,13 @@ def global_layers(num_layers: int, local_per_global: int) -> torch.Tensor:
     ``(i + 1) % (local_per_global + 1) == 0``. Gemma 2 alternates (1:1); Gemma 3 uses 5:1,
     so with 62 layers its global layers are 5, 11, ..., 59. ``local_per_global = 0`` makes
     every layer global.
+
+    Example:
+        >>> from attn_course.modern import global_layers
+        >>> global_layers(6, 1).int().tolist()                          # Gemma 2: alternating
+        [0, 1, 0, 1, 0, 1]
+        >>> global_layers(62, 5).nonzero().flatten().tolist()[:3], int(global_layers(62, 5).sum())
+        ([5, 11, 17], 10)
     """
     num_layers = _checks.positive_number("num_layers", num_layers, integer=True)
     local_per_global = _int_arg("local_per_global", local_per_global, minimum=0)
@@ -641,6 +762,19 @@ def indexer_scores(index_query: torch.Tensor, index_key: torch.Tensor, head_weig
 
     Shapes: ``index_query (B, L_q, H_I, d_I)``, ``index_key (B, L_k, d_I)``,
     ``head_weights (B, L_q, H_I)``; returns ``(B, L_q, L_k)``.
+
+    Example:
+        >>> import torch
+        >>> from attn_course.modern import indexer_scores
+        >>> _ = torch.manual_seed(0)
+        >>> index_query, index_key = torch.randn(1, 3, 2, 4), torch.randn(1, 5, 4)   # H_I = 2, d_I = 4
+        >>> head_weights = torch.rand(1, 3, 2)
+        >>> scores = indexer_scores(index_query, index_key, head_weights)
+        >>> t, s = 1, 4
+        >>> manual = sum(head_weights[0, t, j] * torch.relu(index_query[0, t, j] @ index_key[0, s])
+        ...              for j in range(2))
+        >>> tuple(scores.shape), torch.allclose(scores[0, t, s], manual)
+        ((1, 3, 5), True)
     """
     _checks.float_tensor("index_query", index_query, ndim=4)
     _checks.float_tensor("index_key", index_key, ndim=3)
@@ -669,6 +803,18 @@ def indexer_topk(scores: torch.Tensor, k: int, *, is_causal: bool = True) -> tup
     (the last queries of the sequence, as when decoding) and may pick only keys up to there;
     a query with fewer than ``k`` allowed keys picks them all, and the remaining slots have
     ``valid = False``. Ties are broken by ``torch.topk``.
+
+    Example:
+        Two queries at the end of four keys: query 0 sits at position 2, query 1 at 3.
+
+        >>> import torch
+        >>> from attn_course.modern import indexer_topk
+        >>> scores = torch.tensor([[4.0, 1.0, 3.0, 9.0], [1.0, 2.0, 3.0, 4.0]])
+        >>> indices, valid = indexer_topk(scores, k=2)
+        >>> indices.tolist()                      # query 0 may not pick key 3, its future
+        [[0, 2], [3, 2]]
+        >>> indexer_topk(scores, k=4)[1].tolist()  # query 0 has only 3 keys to give
+        [[True, True, True, False], [True, True, True, True]]
     """
     _checks.float_tensor("scores", scores, min_ndim=2)
     k = _checks.positive_number("k", k, integer=True)
@@ -691,7 +837,16 @@ def indexer_topk(scores: torch.Tensor, k: int, *, is_causal: bool = True) -> tup
 
 
 def indexer_topk_mask(scores: torch.Tensor, k: int, *, is_causal: bool = True) -> torch.Tensor:
-    """The dense ``(..., L_q, L_k)`` bool mask of :func:`indexer_topk`'s selection (``True`` = selected)."""
+    """The dense ``(..., L_q, L_k)`` bool mask of :func:`indexer_topk`'s selection (``True`` = selected).
+
+    Example:
+        >>> import torch
+        >>> from attn_course.modern import indexer_topk_mask
+        >>> scores = torch.tensor([[4.0, 1.0, 3.0, 9.0], [1.0, 2.0, 3.0, 4.0]])
+        >>> indexer_topk_mask(scores, k=2).int()
+        tensor([[1, 0, 1, 0],
+                [0, 0, 1, 1]], dtype=torch.int32)
+    """
     indices, valid = indexer_topk(scores, k, is_causal=is_causal)
     mask = torch.zeros(scores.shape, dtype=torch.bool, device=scores.device)
     return mask.scatter(-1, indices, valid)
@@ -712,6 +867,19 @@ def sparse_selected_attention(query: torch.Tensor, key: torch.Tensor, value: tor
     ``indices`` int64 ``(B, L_q, k)`` (one selection shared by all heads, as in DSA) or
     ``(B, H, L_q, k)``; ``valid`` bool of the same shape (``False`` slots are ignored; a query
     with none gets a zero output). Returns ``(B, H, L_q, d_v)``.
+
+    Example:
+        >>> import torch
+        >>> from attn_course.modern import indexer_topk, indexer_topk_mask, sparse_selected_attention
+        >>> from attn_course.sparse import dense_attention
+        >>> _ = torch.manual_seed(0)
+        >>> q, k, v = torch.randn(3, 1, 2, 6, 4).unbind(0)            # (B, H, L, d)
+        >>> index_scores = torch.randn(1, 6, 6)                        # (B, L_q, L_k)
+        >>> indices, valid = indexer_topk(index_scores, k=3)           # shared by both heads
+        >>> out = sparse_selected_attention(q, k, v, indices, valid)
+        >>> mask = indexer_topk_mask(index_scores, 3)[:, None]         # (B, 1, L_q, L_k)
+        >>> tuple(out.shape), torch.allclose(out, dense_attention(q, k, v, mask), atol=1e-5)
+        ((1, 2, 6, 4), True)
     """
     for name, x in (("query", query), ("key", key), ("value", value)):
         _checks.float_tensor(name, x, ndim=4)

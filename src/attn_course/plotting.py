@@ -38,12 +38,28 @@ STYLE: dict = {
 
 
 def set_style() -> None:
-    """Apply the course style to matplotlib (call once, in a notebook's setup cell)."""
+    """Apply the course style to matplotlib (call once, in a notebook's setup cell).
+
+    Example:
+        >>> import matplotlib.pyplot as plt
+        >>> from attn_course.plotting import set_style
+        >>> set_style()
+        >>> plt.rcParams["figure.facecolor"], plt.rcParams["axes.labelcolor"]
+        ('white', 'black')
+    """
     plt.rcParams.update(STYLE)
 
 
 def to_numpy(x) -> np.ndarray:
-    """A NumPy copy of a tensor (any device or dtype) or array-like, for plotting."""
+    """A NumPy copy of a tensor (any device or dtype) or array-like, for plotting.
+
+    Example:
+        >>> import torch
+        >>> from attn_course.plotting import to_numpy
+        >>> a = to_numpy(torch.tensor([0.5, 1.0], dtype=torch.bfloat16, requires_grad=True))
+        >>> a, a.dtype
+        (array([0.5, 1. ], dtype=float32), dtype('float32'))
+    """
     if isinstance(x, torch.Tensor):
         return x.detach().to("cpu", torch.float32).numpy()
     return np.asarray(x)
@@ -60,6 +76,19 @@ def attention_heatmap(weights, *, x_labels: Sequence[str] | None = None,
     e.g. tokens. ``annotate`` writes each weight in its cell (small maps
     only). The same function draws any ``(rows, columns)`` matrix, e.g. scores or biases:
     name it with ``cbar_label``. Returns the axes.
+
+    Example:
+        >>> import matplotlib.pyplot as plt
+        >>> import torch
+        >>> from attn_course.plotting import attention_heatmap
+        >>> tokens = ["the", "cat", "sat"]
+        >>> weights = torch.tensor([[1.0, 0.0, 0.0], [0.5, 0.5, 0.0], [0.2, 0.3, 0.5]])
+        >>> ax = attention_heatmap(weights, x_labels=tokens, y_labels=tokens, annotate=True)
+        >>> ax.get_xlabel(), [t.get_text() for t in ax.get_xticklabels()]
+        ('key position', ['the', 'cat', 'sat'])
+        >>> ax.figure.axes[-1].get_ylabel()   # the colorbar
+        'weight'
+        >>> plt.close(ax.figure)
     """
     w = to_numpy(weights)
     if w.ndim != 2:

@@ -50,6 +50,16 @@ def sinusoidal_encoding(length: int, dim: int, base: float = 10000.0) -> torch.T
     .. math:: PE_{p, 2i} = \sin(p / \mathrm{base}^{2i/d}),\qquad PE_{p, 2i+1} = \cos(p / \mathrm{base}^{2i/d})
 
     Returns ``(length, dim)`` in float32 (an odd ``dim`` ends with a sine column).
+
+    Example:
+        >>> from attn_course.positional import sinusoidal_encoding
+        >>> pe = sinusoidal_encoding(length=6, dim=8)
+        >>> tuple(pe.shape), pe[0].tolist()                  # position 0: sin 0 = 0, cos 0 = 1
+        ((6, 8), [0.0, 1.0, 0.0, 1.0, 0.0, 1.0, 0.0, 1.0])
+        >>> round(pe[1, 0].item(), 4)                        # sin(1)
+        0.8415
+        >>> abs((pe[1] @ pe[3]) - (pe[2] @ pe[4])).item() < 1e-5   # similarity depends on the offset
+        True
     """
     length = _checks.positive_number("length", length, integer=True)
     dim = _checks.positive_number("dim", dim, integer=True)
@@ -73,6 +83,21 @@ def apply_rope(x: torch.Tensor, positions: torch.Tensor | None = None, base: flo
     so that the dot product of a rotated query at ``m`` and key at ``n`` depends on
     ``m - n`` only. ``x (..., L, d)`` with ``d`` even; ``positions`` (int or float)
     broadcasts to ``(..., L)`` and defaults to ``0 .. L-1``. Keeps dtype and device.
+
+    Example:
+        >>> import torch
+        >>> from attn_course.positional import apply_rope
+        >>> _ = torch.manual_seed(0)
+        >>> q, k = torch.randn(1, 8), torch.randn(1, 8)
+        >>> def score(m, n):
+        ...     return (apply_rope(q, torch.tensor([m])) @ apply_rope(k, torch.tensor([n])).T).item()
+        >>> abs(score(5, 3) - score(12, 10)) < 1e-5          # only the offset m - n matters
+        True
+        >>> x = torch.randn(2, 6, 8)
+        >>> torch.allclose(apply_rope(x).norm(dim=-1), x.norm(dim=-1))   # a rotation keeps lengths
+        True
+        >>> torch.equal(apply_rope(x)[:, 0], x[:, 0])       # position 0 is not rotated
+        True
     """
     _checks.float_tensor("x", x, min_ndim=2)
     base = _checks.positive_number("base", base)
@@ -104,9 +129,17 @@ def apply_rope(x: torch.Tensor, positions: torch.Tensor | None = None, base: flo
 def alibi_slopes(num_heads: int) -> torch.Tensor:
     r"""The head slopes of ALiBi (Press et al., 2021).
 
-    For ``n`` a power of two: :math:`m_k = 2^{-8k/n}`, ``k = 1 .. n``. Otherwise the
-    paper's rule: the slopes for the largest power of two ``m < n``, followed by every
-    other slope of ``2m`` heads until there are ``n``.
+    For ``n`` a power of two: :math:`m_k = 2^{-8k/n}`, ``k = 1 .. n``. Otherwise the rule
+    of the authors' reference code (the paper trains only power-of-two head counts): the
+    slopes for the largest power of two ``m < n``, followed by every other slope of ``2m``
+    heads until there are ``n``.
+
+    Example:
+        >>> from attn_course.positional import alibi_slopes
+        >>> alibi_slopes(8).tolist()                         # 2^-1 .. 2^-8
+        [0.5, 0.25, 0.125, 0.0625, 0.03125, 0.015625, 0.0078125, 0.00390625]
+        >>> alibi_slopes(6).tolist()                         # the 4-head slopes, then 2^-1, 2^-3
+        [0.25, 0.0625, 0.015625, 0.00390625, 0.5, 0.125]
     """
     n = _checks.positive_number("num_heads", num_heads, integer=True)
 
@@ -126,6 +159,17 @@ def alibi_bias(num_heads: int, length: int, *, is_causal: bool = True) -> torch.
 
     ``-slope[h] * (i - j)`` for keys ``j <= i`` and ``-inf`` above the diagonal when
     causal; ``-slope[h] * |i - j|`` everywhere when not.
+
+    Example:
+        >>> import torch
+        >>> from attn_course.positional import alibi_bias
+        >>> bias = alibi_bias(num_heads=2, length=4)             # slopes 2^-4 and 2^-8
+        >>> tuple(bias.shape), bias[0, 3, :3].tolist()           # a linear penalty on distance
+        ((2, 4, 4), [-0.1875, -0.125, -0.0625])
+        >>> bool(torch.isinf(bias[:, 0, 1:]).all())              # causal: the future is hidden
+        True
+        >>> torch.equal(alibi_bias(2, 4, is_causal=False)[:, 3, :3], bias[:, 3, :3])
+        True
     """
     slopes = alibi_slopes(num_heads)
     length = _checks.positive_number("length", length, integer=True)
@@ -138,9 +182,26 @@ def alibi_bias(num_heads: int, length: int, *, is_causal: bool = True) -> torch.
 
 
 class LearnedPositionalEmbedding(nn.Module):
-    """A trained vector per absolute position, added to the inputs (as in BERT and GPT).
+    r"""A trained vector per absolute position, added to the inputs (as in BERT and GPT).
 
-    ``forward(x (B, L, E)) -> x + P[:L]``; positions past ``max_length`` do not exist.
+    .. math:: \mathbf x'_p = \mathbf x_p + P_p,\qquad P \in \mathbb R^{\mathrm{max\_length} \times E}
+              \text{ learned}
+
+    Learned absolute positions as in Gehring et al. (2017), BERT (Devlin et al., 2019) and
+    GPT (Radford et al., 2018). ``forward(x (B, L, E)) -> x + P[:L]``; positions past
+    ``max_length`` do not exist.
+
+    Example:
+        >>> import torch
+        >>> from attn_course.positional import LearnedPositionalEmbedding
+        >>> embedding = LearnedPositionalEmbedding(max_length=16, embed_dim=8)
+        >>> out = embedding(torch.zeros(2, 5, 8))
+        >>> tuple(out.shape), torch.equal(out[1], embedding.table.weight[:5])
+        ((2, 5, 8), True)
+        >>> embedding(torch.zeros(1, 20, 8))
+        Traceback (most recent call last):
+            ...
+        ValueError: x has 20 positions but the table has only 16 (max_length)
     """
 
     def __init__(self, max_length: int, embed_dim: int):
@@ -159,7 +220,15 @@ class LearnedPositionalEmbedding(nn.Module):
 
 def relative_position_index(length_q: int, length_k: int, max_distance: int, device=None) -> torch.Tensor:
     """``(L_q, L_k)`` int64 table of ``clip(j - i, -k, k) + k``: which of the ``2k + 1`` relative
-    embeddings query ``i`` uses for key ``j`` (Shaw et al., 2018)."""
+    embeddings query ``i`` uses for key ``j`` (Shaw et al., 2018).
+
+    Example:
+        >>> from attn_course.positional import relative_position_index
+        >>> relative_position_index(3, 5, max_distance=2)    # offsets beyond +-2 share an index
+        tensor([[2, 3, 4, 4, 4],
+                [1, 2, 3, 4, 4],
+                [0, 1, 2, 3, 4]])
+    """
     for name, v in (("length_q", length_q), ("length_k", length_k), ("max_distance", max_distance)):
         _checks.positive_number(name, v, integer=True)
     rel = torch.arange(length_k, device=device)[None, :] - torch.arange(length_q, device=device)[:, None]
@@ -172,6 +241,16 @@ class RelativePositionEmbedding(nn.Module):
     ``forward(L_q, L_k) -> (L_q, L_k, head_dim)``: the vector :math:`a_{ij} = w_{\mathrm{clip}(j - i, -k, k)}`,
     with distances clipped to ``max_distance = k``: beyond ``k`` every distance looks alike,
     which is what lets it work on sequences longer than those seen in training.
+
+    Example:
+        >>> import torch
+        >>> from attn_course.positional import RelativePositionEmbedding
+        >>> table = RelativePositionEmbedding(max_distance=2, head_dim=4)
+        >>> a = table(3, 6)
+        >>> tuple(a.shape)
+        (3, 6, 4)
+        >>> torch.equal(a[0, 1], a[1, 2]), torch.equal(a[0, 3], a[0, 5])   # same offset; clipped
+        (True, True)
     """
 
     def __init__(self, max_distance: int, head_dim: int):
@@ -186,13 +265,36 @@ class RelativePositionEmbedding(nn.Module):
 
 
 class PositionalSelfAttention(nn.Module):
-    """Multi-head self-attention with a choice of where positions enter.
+    r"""Multi-head self-attention with a choice of where positions enter.
+
+    .. math:: s_{ij} = \frac{\mathbf q_i \cdot \mathbf k_j}{\sqrt{d}}\ \text{(none)},\quad
+              \frac{\mathbf q_i \cdot (\mathbf k_j + \mathbf a^K_{ij})}{\sqrt{d}}\ \text{(relative)},\quad
+              \frac{R_i \mathbf q_i \cdot R_j \mathbf k_j}{\sqrt{d}}\ \text{(rope)},\quad
+              \frac{\mathbf q_i \cdot \mathbf k_j}{\sqrt{d}} - m_h |i - j|\ \text{(alibi)}
+
+    from Shaw et al. (2018), Su et al. (2021) and Press et al. (2021); the absolute
+    encodings (Vaswani et al., 2017; learned) are added to the inputs before the layer.
 
     ``encoding`` is one of ``"none"``, ``"sinusoidal"``, ``"learned"`` (these three act on
     the inputs, so the layer itself ignores positions), ``"relative"`` (Shaw et al.:
     clipped-distance vectors added to keys and values), ``"rope"`` (queries and keys
     rotated) or ``"alibi"`` (a per-head distance penalty added to the scores).
     ``forward(x (B, L, E), *, is_causal=True) -> (output (B, L, E), weights (B, H, L, L))``.
+
+    Example:
+        Without positions the layer is permutation-equivariant; with rope it is not:
+
+        >>> import torch
+        >>> from attn_course.positional import PositionalSelfAttention
+        >>> _ = torch.manual_seed(0)
+        >>> x, perm = torch.randn(1, 6, 8), torch.tensor([5, 3, 1, 0, 2, 4])
+        >>> for encoding in ("none", "rope"):
+        ...     layer = PositionalSelfAttention(embed_dim=8, num_heads=2, encoding=encoding)
+        ...     out, weights = layer(x, is_causal=False)
+        ...     print(encoding, tuple(weights.shape),
+        ...           torch.allclose(layer(x[:, perm], is_causal=False)[0], out[:, perm], atol=1e-5))
+        none (1, 2, 6, 6) True
+        rope (1, 2, 6, 6) False
     """
 
     def __init__(self, embed_dim: int, num_heads: int, encoding: str = "none", *,
@@ -241,12 +343,31 @@ def _under_vmap(t) -> bool:
 
 
 class PositionalModel(nn.Module):
-    """Embeddings, an optional input-side encoding, positional self-attention layers, a readout.
+    r"""Embeddings, an optional input-side encoding, positional self-attention layers, a readout.
+
+    .. math:: \mathbf x^{(0)}_i = E[\mathrm{id}_i]\, [+\, PE_i],\qquad
+              \mathbf x^{(l)} = \mathbf x^{(l-1)} + \mathrm{Attention}^{(l)}(\mathbf x^{(l-1)}),\qquad
+              \mathrm{logits}_i = W_\text{out} \mathbf x^{(n_\text{layers})}_i
+
+    an attention-only causal model (no MLP, no normalisation), the positions entering as in
+    :class:`PositionalSelfAttention` (Shaw et al., 2018; Su et al., 2021; Press et al., 2021;
+    Kazemnejad et al., 2023 for ``"none"``).
 
     ``forward(ids (B, L)) -> (logits (B, L, vocab_size), weights (B, H, L, L))``. A residual
     connection carries each token's representation past every attention layer; ``weights``
     are those of the last layer. ``num_layers`` (default 1) causal attention layers, each
     with the same kind of position information (``encoding``), and no MLP.
+
+    Example:
+        >>> import torch
+        >>> from attn_course.positional import PositionalModel
+        >>> _ = torch.manual_seed(0)
+        >>> model = PositionalModel(vocab_size=8, embed_dim=16, num_heads=2, encoding="alibi", num_layers=2)
+        >>> logits, weights = model(torch.randint(0, 8, (3, 10)))
+        >>> tuple(logits.shape), tuple(weights.shape)
+        ((3, 10, 8), (3, 2, 10, 10))
+        >>> weights[..., 0, 1:].abs().max().item()        # causal: position 0 sees only itself
+        0.0
     """
 
     def __init__(self, vocab_size: int, embed_dim: int, num_heads: int, encoding: str, *,
@@ -295,6 +416,26 @@ def fit_parallel(models, inputs, targets, *, loss_fn=None, steps: int = 300,
     tensors of one shape (a data set per model, e.g. one task each). ``seeds`` defaults
     to ``0 .. M-1``, ``loss_fn`` to mean squared error. The trained weights are written back into ``models``, which are left in eval mode.
     Returns the losses, ``(steps, M)``.
+
+    Example:
+        Copy 0 trains exactly as :func:`attn_course.train.fit` with ``seed=0`` would:
+
+        >>> import copy
+        >>> import torch
+        >>> from torch import nn
+        >>> from attn_course.positional import fit_parallel
+        >>> from attn_course.train import fit
+        >>> _ = torch.manual_seed(0)
+        >>> x = torch.randn(32, 2)
+        >>> y = x.sum(-1, keepdim=True)
+        >>> models = [nn.Linear(2, 1), nn.Linear(2, 1)]
+        >>> alone = copy.deepcopy(models[0])
+        >>> losses = fit_parallel(models, x, y, steps=3, batch_size=8)
+        >>> history = fit(alone, x, y, steps=3, batch_size=8, seed=0)
+        >>> tuple(losses.shape), torch.allclose(losses[:, 0], torch.tensor(history.losses), atol=1e-6)
+        ((3, 2), True)
+        >>> torch.allclose(models[0].weight, alone.weight, atol=1e-6)
+        True
     """
     models = list(models)
     if not models or not all(isinstance(m, nn.Module) for m in models):

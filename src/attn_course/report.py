@@ -22,7 +22,15 @@ __all__ = ["glue", "spread", "significant"]
 
 
 def significant(value: float, digits: int = 4) -> float:
-    """``value`` rounded to ``digits`` significant digits (0, inf and NaN unchanged)."""
+    """``value`` rounded to ``digits`` significant digits (0, inf and NaN unchanged).
+
+    Example:
+        >>> from attn_course.report import significant
+        >>> significant(3.14159265), significant(0.000123456, 2), significant(123456.0, 2)
+        (3.142, 0.00012, 120000.0)
+        >>> significant(float("inf"))
+        inf
+    """
     value = float(value)
     if value == 0 or not math.isfinite(value):
         return value
@@ -36,6 +44,15 @@ def glue(name: str, value, *, display: bool = False, digits: int = 4) -> None:
 
     Numbers (Python, NumPy or one-element tensors) are rounded to ``digits``
     significant digits first; strings and other objects are glued as they are.
+
+    Example:
+        In a notebook cell (the chapter's Markdown then says ``{glue:text}`gain:.2f```):
+
+        >>> import torch
+        >>> from attn_course.report import glue, significant
+        >>> glue("gain", torch.tensor(0.123456789))   # the cell shows nothing
+        >>> significant(0.123456789)                   # the value stored under "gain"
+        0.1235
     """
     if not isinstance(name, str) or not name:
         raise TypeError(f"name must be a non-empty str, got {name!r}")
@@ -57,7 +74,15 @@ def glue(name: str, value, *, display: bool = False, digits: int = 4) -> None:
 
 
 def spread(values: Sequence[float], fmt: str = ".2f") -> str:
-    """``"mean (min to max)"`` of per-seed results, for prose and figure labels."""
+    """``"mean (min to max)"`` of per-seed results, for prose and figure labels.
+
+    Example:
+        >>> from attn_course.report import spread
+        >>> spread([0.91, 0.95, 0.99])
+        '0.95 (0.91 to 0.99)'
+        >>> spread([0.5], ".0%")   # one result: just the value
+        '50%'
+    """
     arr = np.asarray(list(values), dtype=float)
     if arr.size == 0:
         raise ValueError("values must hold at least one result")

@@ -22,7 +22,15 @@ __all__ = ["SelfAttention", "CrossAttention", "padding_mask", "causal_mask", "Se
 
 def padding_mask(lengths: torch.Tensor, max_length: int | None = None) -> torch.Tensor:
     """``(B, L)`` bool, ``True`` at the real tokens of sequences of the given lengths
-    (padded at the end to ``max_length``, default the longest)."""
+    (padded at the end to ``max_length``, default the longest).
+
+    Example:
+        >>> import torch
+        >>> from attn_course.seq2seq import padding_mask
+        >>> padding_mask(torch.tensor([3, 1]), max_length=4).int()
+        tensor([[1, 1, 1, 0],
+                [1, 0, 0, 0]], dtype=torch.int32)
+    """
     if not isinstance(lengths, torch.Tensor) or lengths.dtype not in (torch.int32, torch.int64) or lengths.ndim != 1:
         raise TypeError(f"lengths must be a 1-D integer tensor, got {getattr(lengths, 'dtype', type(lengths))} "
                         f"of shape {tuple(getattr(lengths, 'shape', ()))}")
@@ -36,18 +44,47 @@ def padding_mask(lengths: torch.Tensor, max_length: int | None = None) -> torch.
 
 
 def causal_mask(length: int, device=None) -> torch.Tensor:
-    """``(L, L)`` bool, ``True`` where ``j <= i``: a decoder position sees only the past."""
+    """``(L, L)`` bool, ``True`` where ``j <= i``: a decoder position sees only the past.
+
+    Example:
+        >>> from attn_course.seq2seq import causal_mask
+        >>> causal_mask(3).int()
+        tensor([[1, 0, 0],
+                [1, 1, 0],
+                [1, 1, 1]], dtype=torch.int32)
+    """
     length = _checks.positive_number("length", length, integer=True)
     return _causal(length, length, device=device)
 
 
 class SelfAttention(nn.Module):
-    """Attention of a sequence over itself: queries, keys and values all from ``x``.
+    r"""Attention of a sequence over itself: queries, keys and values all from ``x``.
 
+    .. math:: \mathrm{SelfAttention}(X) = \mathrm{softmax}\Big(\frac{(X W_Q)(X W_K)^\top}{\sqrt{d_k}}\Big)\, X W_V
+
+    per head, the heads concatenated and projected (:class:`attn_course.multihead.MultiHeadAttention`;
+    Vaswani et al., 2017).
     ``forward(x (B, L, E), key_padding=None, *, is_causal=False, need_weights=True) ->
     (output (B, L, E), weights (B, H, L, L) or None)``; ``key_padding (B, L)`` is ``True`` at
     real tokens. ``need_weights=False`` never builds the ``(B, H, L, L)`` weights and runs
     torch's fused ``scaled_dot_product_attention`` (the same output, faster at long ``L``).
+
+    Example:
+        >>> import torch
+        >>> from attn_course.seq2seq import SelfAttention, padding_mask
+        >>> _ = torch.manual_seed(0)
+        >>> attention = SelfAttention(embed_dim=8, num_heads=2)
+        >>> x = torch.randn(2, 5, 8)
+        >>> out, weights = attention(x, padding_mask(torch.tensor([5, 3])), is_causal=True)
+        >>> tuple(out.shape), tuple(weights.shape)
+        ((2, 5, 8), (2, 2, 5, 5))
+        >>> weights[0, :, 0, 1:].abs().max().item()   # causal: the first token sees only itself
+        0.0
+        >>> weights[1, :, :, 3:].abs().max().item()   # padding: nobody attends to it
+        0.0
+        >>> fast, none = attention(x, is_causal=True, need_weights=False)
+        >>> none is None, torch.allclose(fast, attention(x, is_causal=True)[0], atol=1e-6)
+        (True, True)
     """
 
     def __init__(self, embed_dim: int, num_heads: int = 1, *, dropout: float = 0.0):
@@ -61,11 +98,28 @@ class SelfAttention(nn.Module):
 
 
 class CrossAttention(nn.Module):
-    """Attention of one sequence over another: queries from ``x``, keys and values from ``context``.
+    r"""Attention of one sequence over another: queries from ``x``, keys and values from ``context``.
 
+    .. math:: \mathrm{CrossAttention}(X, Y) = \mathrm{softmax}\Big(\frac{(X W_Q)(Y W_K)^\top}{\sqrt{d_k}}\Big)\, Y W_V
+
+    per head, with queries from :math:`X` and keys and values from the context :math:`Y`: the
+    encoder-decoder attention of Vaswani et al. (2017), the multi-head form of the attention
+    of Bahdanau et al. (2014).
     ``forward(x (B, L_x, E), context (B, L_c, context_dim), context_padding=None) ->
     (output (B, L_x, E), weights (B, H, L_x, L_c) or None)``; ``context_padding (B, L_c)`` is
     ``True`` at the context's real tokens; ``need_weights=False`` as in :class:`SelfAttention`.
+
+    Example:
+        >>> import torch
+        >>> from attn_course.seq2seq import CrossAttention, padding_mask
+        >>> _ = torch.manual_seed(0)
+        >>> attention = CrossAttention(embed_dim=8, context_dim=6, num_heads=2)
+        >>> x, context = torch.randn(2, 3, 8), torch.randn(2, 7, 6)   # decoder, encoder output
+        >>> out, weights = attention(x, context, padding_mask(torch.tensor([7, 4])))
+        >>> tuple(out.shape), tuple(weights.shape)     # one row per query, one column per context token
+        ((2, 3, 8), (2, 2, 3, 7))
+        >>> weights[1, ..., 4:].abs().max().item(), torch.allclose(weights.sum(-1), torch.ones(2, 2, 3))
+        (0.0, True)
     """
 
     def __init__(self, embed_dim: int, context_dim: int, num_heads: int = 1, *, dropout: float = 0.0):
@@ -115,6 +169,24 @@ class Seq2Seq(nn.Module):
     ``forward(source (B, S), decoder_input (B, T)) -> (logits (B, T, vocab_size), weights
     (B, T, S) or None)`` (teacher forcing, all steps at once); ``greedy(source, steps)``
     decodes one token at a time from its own predictions.
+
+    Example:
+        >>> import torch
+        >>> from attn_course.data import reverse_task
+        >>> from attn_course.seq2seq import Seq2Seq
+        >>> _ = torch.manual_seed(0)
+        >>> source, decoder_input, target = reverse_task(2, 6, vocab_size=10)
+        >>> model = Seq2Seq(vocab_size=10, embed_dim=8, hidden_dim=16)
+        >>> logits, weights = model(source, decoder_input)        # teacher forcing
+        >>> tuple(logits.shape), tuple(weights.shape)
+        ((2, 6, 10), (2, 6, 6))
+        >>> torch.allclose(weights.sum(-1), torch.ones(2, 6))     # each step's weights over the source
+        True
+        >>> tokens, _ = model.greedy(source, steps=4)             # its own predictions fed back
+        >>> tuple(tokens.shape)
+        (2, 4)
+        >>> Seq2Seq(10, 8, 16, attention=False)(source, decoder_input)[1] is None
+        True
     """
 
     def __init__(self, vocab_size: int, embed_dim: int = 32, hidden_dim: int = 64, *, attention: bool = True):

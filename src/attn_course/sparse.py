@@ -1,4 +1,4 @@
-"""Chapter 6, efficient sparse attention: the same attention, most of the work removed.
+"""Chapter 7, efficient sparse attention: the same attention, most of the work removed.
 
 Every function takes ``query``, ``key``, ``value`` of shape ``(B, H, L, d)`` (value may
 have its own ``d_v``) and returns ``(B, H, L, d_v)``. Each fixed pattern has a
@@ -75,6 +75,21 @@ def dense_attention(query, key, value, mask: torch.Tensor | None = None) -> torc
 
     Builds the full ``L x L`` scores: for checking the sparse functions on small inputs.
     Queries with no allowed key get zeros.
+
+    Example:
+        >>> import torch
+        >>> import torch.nn.functional as F
+        >>> from attn_course.sparse import dense_attention
+        >>> _ = torch.manual_seed(0)
+        >>> q, k, v = torch.randn(3, 1, 2, 5, 4).unbind(0)
+        >>> mask = torch.ones(5, 5, dtype=torch.bool).tril()
+        >>> mask[2] = False                                  # query 2 may see nothing
+        >>> out = dense_attention(q, k, v, mask)
+        >>> torch.allclose(out[:, :, 3:], F.scaled_dot_product_attention(q, k, v, is_causal=True)[:, :, 3:],
+        ...                atol=1e-6)
+        True
+        >>> out[:, :, 2].abs().max().item()                 # zeros, not NaN
+        0.0
     """
     _check_qkv(query, key, value)
     scores = query @ key.transpose(-2, -1) / math.sqrt(query.shape[-1])
@@ -89,7 +104,19 @@ def dense_attention(query, key, value, mask: torch.Tensor | None = None) -> torc
 # --- sliding windows ------------------------------------------------------------------------------
 
 def sliding_window_mask(length: int, window: int, *, is_causal: bool = False) -> torch.Tensor:
-    """``(L, L)`` bool: ``|i - j| <= window`` (causal: ``0 <= i - j <= window``)."""
+    """``(L, L)`` bool: ``|i - j| <= window`` (causal: ``0 <= i - j <= window``).
+
+    Example:
+        >>> from attn_course.sparse import sliding_window_mask
+        >>> sliding_window_mask(5, 1).int()
+        tensor([[1, 1, 0, 0, 0],
+                [1, 1, 1, 0, 0],
+                [0, 1, 1, 1, 0],
+                [0, 0, 1, 1, 1],
+                [0, 0, 0, 1, 1]], dtype=torch.int32)
+        >>> sliding_window_mask(5, 1, is_causal=True).sum(1).tolist()   # itself and one before
+        [1, 2, 2, 2, 2]
+    """
     length = _checks.positive_number("length", length, integer=True)
     window = _window(window)
     i = torch.arange(length)
@@ -166,7 +193,14 @@ def _flex_kernel(length, window, is_causal, device):
 
 
 def flex_available() -> bool:
-    """Whether this torch has FlexAttention (``torch.nn.attention.flex_attention``, torch >= 2.5)."""
+    """Whether this torch has FlexAttention (``torch.nn.attention.flex_attention``, torch >= 2.5).
+
+    Example:
+        >>> import torch
+        >>> from attn_course.sparse import flex_available
+        >>> flex_available() == (tuple(int(p) for p in torch.__version__.split(".")[:2]) >= (2, 5))
+        True
+    """
     try:
         from torch.nn.attention import flex_attention  # noqa: F401
     except ImportError:
@@ -182,6 +216,16 @@ def sliding_window_attention(query, key, value, window: int, *, is_causal: bool 
     ``O(L * window)`` work in ``O(L)`` memory. ``backend="flex"`` runs the same pattern
     through a compiled FlexAttention kernel (torch >= 2.5; the first call per shape
     compiles, which takes seconds).
+
+    Example:
+        >>> import torch
+        >>> from attn_course import sparse
+        >>> _ = torch.manual_seed(0)
+        >>> q, k, v = torch.randn(3, 1, 2, 16, 8).unbind(0)     # (B, H, L, d) each
+        >>> out = sparse.sliding_window_attention(q, k, v, window=2)
+        >>> dense = sparse.dense_attention(q, k, v, sparse.sliding_window_mask(16, 2))
+        >>> tuple(out.shape), torch.allclose(out, dense, atol=1e-5)
+        ((1, 2, 16, 8), True)
     """
     _, _, L, _ = _check_qkv(query, key, value)
     window = _window(window)
@@ -196,7 +240,18 @@ def sliding_window_attention(query, key, value, window: int, *, is_causal: bool 
 
 
 def dilated_window_mask(length: int, window: int, dilation: int, *, is_causal: bool = False) -> torch.Tensor:
-    """``(L, L)`` bool: ``|i - j| <= window * dilation`` and ``(i - j) % dilation == 0``."""
+    """``(L, L)`` bool: ``|i - j| <= window * dilation`` and ``(i - j) % dilation == 0``.
+
+    Example:
+        >>> from attn_course.sparse import dilated_window_mask
+        >>> dilated_window_mask(6, window=1, dilation=2).int()     # every other key, one each side
+        tensor([[1, 0, 1, 0, 0, 0],
+                [0, 1, 0, 1, 0, 0],
+                [1, 0, 1, 0, 1, 0],
+                [0, 1, 0, 1, 0, 1],
+                [0, 0, 1, 0, 1, 0],
+                [0, 0, 0, 1, 0, 1]], dtype=torch.int32)
+    """
     dilation = _checks.positive_number("dilation", dilation, integer=True)
     base = sliding_window_mask(length, _window(window) * dilation, is_causal=is_causal)
     i = torch.arange(length)
@@ -209,6 +264,16 @@ def dilated_window_attention(query, key, value, window: int, dilation: int, *,
 
     Positions with the same remainder mod ``dilation`` only ever see each other, so the
     pattern is a plain sliding window on each of the ``dilation`` interleaved subsequences.
+
+    Example:
+        >>> import torch
+        >>> from attn_course import sparse
+        >>> _ = torch.manual_seed(0)
+        >>> q, k, v = torch.randn(3, 1, 2, 16, 8).unbind(0)     # (B, H, L, d) each
+        >>> out = sparse.dilated_window_attention(q, k, v, window=2, dilation=3)
+        >>> dense = sparse.dense_attention(q, k, v, sparse.dilated_window_mask(16, 2, 3))
+        >>> torch.allclose(out, dense, atol=1e-5)
+        True
     """
     _, _, L, _ = _check_qkv(query, key, value)
     window = _window(window)
@@ -241,7 +306,18 @@ def _global_tokens(global_tokens, length: int) -> torch.Tensor:
 
 
 def longformer_mask(length: int, window: int, global_tokens) -> torch.Tensor:
-    """``(L, L)`` bool: the sliding window, plus every row and column of the global tokens."""
+    """``(L, L)`` bool: the sliding window, plus every row and column of the global tokens.
+
+    Example:
+        >>> from attn_course.sparse import longformer_mask
+        >>> longformer_mask(6, window=1, global_tokens=[0]).int()
+        tensor([[1, 1, 1, 1, 1, 1],
+                [1, 1, 1, 0, 0, 0],
+                [1, 1, 1, 1, 0, 0],
+                [1, 0, 1, 1, 1, 0],
+                [1, 0, 0, 1, 1, 1],
+                [1, 0, 0, 0, 1, 1]], dtype=torch.int32)
+    """
     mask = sliding_window_mask(length, window)
     g = _global_tokens(global_tokens, length)
     mask[g, :] = True
@@ -254,6 +330,16 @@ def longformer_attention(query, key, value, window: int, global_tokens) -> torch
 
     Every query sees its window and the global tokens; a global token's query sees every
     key. Equals dense attention under :func:`longformer_mask`.
+
+    Example:
+        >>> import torch
+        >>> from attn_course import sparse
+        >>> _ = torch.manual_seed(0)
+        >>> q, k, v = torch.randn(3, 1, 2, 16, 8).unbind(0)     # (B, H, L, d) each
+        >>> out = sparse.longformer_attention(q, k, v, window=2, global_tokens=[0, 9])
+        >>> dense = sparse.dense_attention(q, k, v, sparse.longformer_mask(16, 2, [0, 9]))
+        >>> torch.allclose(out, dense, atol=1e-5)
+        True
     """
     _, _, L, _ = _check_qkv(query, key, value)
     window = min(_window(window), L - 1)
@@ -279,7 +365,18 @@ def _check_layout(layout) -> torch.Tensor:
 
 
 def block_sparse_mask(layout: torch.Tensor, block_size: int) -> torch.Tensor:
-    """Blow a ``(L/b, L/b)`` block layout up to the ``(L, L)`` bool mask it stands for."""
+    """Blow a ``(L/b, L/b)`` block layout up to the ``(L, L)`` bool mask it stands for.
+
+    Example:
+        >>> import torch
+        >>> from attn_course.sparse import block_sparse_mask
+        >>> layout = torch.tensor([[True, False], [True, True]])
+        >>> block_sparse_mask(layout, block_size=2).int()
+        tensor([[1, 1, 0, 0],
+                [1, 1, 0, 0],
+                [1, 1, 1, 1],
+                [1, 1, 1, 1]], dtype=torch.int32)
+    """
     layout = _check_layout(layout)
     b = _checks.positive_number("block_size", block_size, integer=True)
     return layout.repeat_interleave(b, 0).repeat_interleave(b, 1)
@@ -291,6 +388,17 @@ def block_sparse_attention(query, key, value, layout: torch.Tensor, block_size: 
 
     Query blocks are sorted by how many key blocks they see, and each group is padded
     only to its own largest count, so a few dense rows (global blocks) cost only their own work.
+
+    Example:
+        >>> import torch
+        >>> from attn_course import sparse
+        >>> _ = torch.manual_seed(0)
+        >>> q, k, v = torch.randn(3, 1, 2, 16, 8).unbind(0)     # (B, H, L, d) each
+        >>> layout = torch.ones(4, 4, dtype=torch.bool).tril()   # block-causal, blocks of 4
+        >>> out = sparse.block_sparse_attention(q, k, v, layout, block_size=4)
+        >>> dense = sparse.dense_attention(q, k, v, sparse.block_sparse_mask(layout, 4))
+        >>> torch.allclose(out, dense, atol=1e-5)
+        True
     """
     B, H, L, d = _check_qkv(query, key, value)
     # The layout is a plan, read on the CPU; only the index tensors go to the inputs' device.
@@ -339,7 +447,16 @@ def bigbird_layout(num_blocks: int, *, num_random_blocks: int = 3, num_global_bl
                    seed: int = 0) -> torch.Tensor:
     """BigBird's block layout (Zaheer et al., 2020): a 3-block band, the first
     ``num_global_blocks`` rows and columns, and ``num_random_blocks`` random blocks per
-    other row (drawn among the blocks not already kept, with a seeded generator)."""
+    other row (drawn among the blocks not already kept, with a seeded generator).
+
+    Example:
+        >>> from attn_course.sparse import bigbird_layout
+        >>> layout = bigbird_layout(6, num_random_blocks=1)
+        >>> bool(layout[0].all()), bool(layout[:, 0].all())   # block 0 is global
+        (True, True)
+        >>> layout.sum(1).tolist()        # band (3, 2 at the ends) + global column + 1 random
+        [6, 4, 5, 5, 5, 4]
+    """
     n = _checks.positive_number("num_blocks", num_blocks, integer=True)
     for name, v in (("num_random_blocks", num_random_blocks), ("num_global_blocks", num_global_blocks)):
         if isinstance(v, bool) or not isinstance(v, int) or v < 0:
@@ -363,7 +480,18 @@ def strided_layout(num_blocks: int, *, band: int = 2, stride: int = 16) -> torch
 
     The summary columns are the paper's; the sliding band of ``±band`` blocks replaces its aligned
     blocks (``floor(i / l) == floor(j / l)``), and the layout is not causal. (The paper's "strided"
-    pattern, the previous ``l`` positions plus every ``l``-th position, is a different one.)"""
+    pattern, the previous ``l`` positions plus every ``l``-th position, is a different one.)
+
+    Example:
+        >>> from attn_course.sparse import strided_layout
+        >>> strided_layout(6, band=1, stride=3).int()        # the band and summary columns 2 and 5
+        tensor([[1, 1, 1, 0, 0, 1],
+                [1, 1, 1, 0, 0, 1],
+                [0, 1, 1, 1, 0, 1],
+                [0, 0, 1, 1, 1, 1],
+                [0, 0, 1, 1, 1, 1],
+                [0, 0, 1, 0, 1, 1]], dtype=torch.int32)
+    """
     n = _checks.positive_number("num_blocks", num_blocks, integer=True)
     stride = _checks.positive_number("stride", stride, integer=True)
     if isinstance(band, bool) or not isinstance(band, int) or band < 0:
@@ -374,7 +502,19 @@ def strided_layout(num_blocks: int, *, band: int = 2, stride: int = 16) -> torch
 
 def bigbird_attention(query, key, value, block_size: int, *, num_random_blocks: int = 3,
                       num_global_blocks: int = 1, seed: int = 0) -> torch.Tensor:
-    """BigBird attention: :func:`block_sparse_attention` with :func:`bigbird_layout`."""
+    """BigBird attention: :func:`block_sparse_attention` with :func:`bigbird_layout`.
+
+    Example:
+        >>> import torch
+        >>> from attn_course import sparse
+        >>> _ = torch.manual_seed(0)
+        >>> q, k, v = torch.randn(3, 1, 2, 16, 8).unbind(0)     # (B, H, L, d) each
+        >>> out = sparse.bigbird_attention(q, k, v, block_size=2, num_random_blocks=1)
+        >>> layout = sparse.bigbird_layout(8, num_random_blocks=1)
+        >>> dense = sparse.dense_attention(q, k, v, sparse.block_sparse_mask(layout, 2))
+        >>> torch.allclose(out, dense, atol=1e-5)
+        True
+    """
     _, _, L, _ = _check_qkv(query, key, value)
     b = _checks.positive_number("block_size", block_size, integer=True)
     if L % b:
@@ -391,6 +531,17 @@ def topk_attention(query, key, value, k: int) -> torch.Tensor:
 
     Scores are computed for one chunk of queries at a time, so memory stays
     ``O(chunk * L + L * k)``; ties at the k-th score are broken by ``torch.topk``.
+
+    Example:
+        >>> import torch
+        >>> from attn_course import sparse
+        >>> _ = torch.manual_seed(0)
+        >>> q, k, v = torch.randn(3, 1, 2, 16, 8).unbind(0)     # (B, H, L, d) each
+        >>> best = (q @ k.transpose(-2, -1)).argmax(-1)             # k=1: the best key's value
+        >>> torch.allclose(sparse.topk_attention(q, k, v, 1), torch.gather(v, 2, best[..., None].expand(-1, -1, -1, 8)))
+        True
+        >>> torch.allclose(sparse.topk_attention(q, k, v, 16), sparse.dense_attention(q, k, v), atol=1e-5)
+        True
     """
     B, H, L, d = _check_qkv(query, key, value)
     k = _checks.positive_number("k", k, integer=True)
@@ -431,6 +582,18 @@ def performer_attention(query, key, value, num_features: int = 256, *, seed: int
     The estimate converges to softmax attention as ``num_features`` grows, but its variance
     grows as :math:`e^{\lVert \mathbf x + \mathbf y\rVert^2} / F` (the paper's Lemma 2): for
     queries and keys of large norm (peaked attention) it needs impractically many features.
+
+    Example:
+        >>> import torch
+        >>> from attn_course import sparse
+        >>> _ = torch.manual_seed(0)
+        >>> q, k, v = torch.randn(3, 1, 2, 16, 8).unbind(0)     # (B, H, L, d) each
+        >>> q, k = 0.5 * q, 0.5 * k                                     # moderate norms
+        >>> exact = sparse.dense_attention(q, k, v)
+        >>> errors = [(sparse.performer_attention(q, k, v, f) - exact).abs().max().item()
+        ...           for f in (8, 4096)]
+        >>> errors[1] < errors[0], errors[1] < 0.1                       # more features, closer
+        (True, True)
     """
     B, H, L, d = _check_qkv(query, key, value)
     m = _checks.positive_number("num_features", num_features, integer=True)
@@ -480,6 +643,15 @@ def lsh_mask(query, key, bucket_size: int = 64, n_hashes: int = 4, *, seed: int 
 
     In each hashing round, query ``i`` sees the keys in its own chunk and the chunk before
     (in sorted order); the mask is the union over rounds. For teaching and tests (it is dense).
+
+    Example:
+        >>> import torch
+        >>> from attn_course import sparse
+        >>> _ = torch.manual_seed(0)
+        >>> q, k, v = torch.randn(3, 1, 2, 16, 8).unbind(0)     # (B, H, L, d) each
+        >>> mask = sparse.lsh_mask(q, k, bucket_size=4, n_hashes=2)
+        >>> tuple(mask.shape), 0.0 < mask.float().mean().item() < 1.0   # a dense mask, mostly False
+        ((1, 2, 16, 16), True)
     """
     _check_qkv(query, key, key)
     bucket_size = _checks.positive_number("bucket_size", bucket_size, integer=True)
@@ -501,6 +673,18 @@ def lsh_attention(query, key, value, bucket_size: int = 64, n_hashes: int = 4, *
     merged into one softmax over the union of the keys they reached, each key counted
     once, so the result equals dense attention under :func:`lsh_mask`;
     ``bucket_size >= L`` is dense attention. Memory is ``O(n_hashes * L * bucket_size)``.
+
+    Example:
+        >>> import torch
+        >>> from attn_course import sparse
+        >>> _ = torch.manual_seed(0)
+        >>> q, k, v = torch.randn(3, 1, 2, 16, 8).unbind(0)     # (B, H, L, d) each
+        >>> out = sparse.lsh_attention(q, k, v, bucket_size=4, n_hashes=2)
+        >>> dense = sparse.dense_attention(q, k, v, sparse.lsh_mask(q, k, bucket_size=4, n_hashes=2))
+        >>> torch.allclose(out, dense, atol=1e-5)
+        True
+        >>> torch.allclose(sparse.lsh_attention(q, k, v, bucket_size=16), sparse.dense_attention(q, k, v), atol=1e-5)
+        True
     """
     B, H, L, d = _check_qkv(query, key, value)
     c = _checks.positive_number("bucket_size", bucket_size, integer=True)

@@ -20,7 +20,16 @@ IGNORE = -100  # target value of positions that do not count (as in torch's cros
 
 @dataclass
 class History:
-    """What :func:`fit` recorded: the loss of every step and ``(step, value)`` evaluations."""
+    """What :func:`fit` recorded: the loss of every step and ``(step, value)`` evaluations.
+
+    ``len(history)`` is the number of steps taken.
+
+    Example:
+        >>> from attn_course.train import History
+        >>> history = History(losses=[1.0, 0.5, 0.25], evals=[(3, 0.9)])
+        >>> len(history), history.losses[-1], history.evals[-1]
+        (3, 0.25, (3, 0.9))
+    """
 
     losses: list[float] = field(default_factory=list)
     evals: list[tuple[int, float]] = field(default_factory=list)
@@ -30,13 +39,31 @@ class History:
 
 
 def sequence_cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Cross-entropy of ``logits (B, L, C)`` against ``targets (B, L)``, skipping ``IGNORE``."""
+    """Cross-entropy of ``logits (B, L, C)`` against ``targets (B, L)``, skipping ``IGNORE``.
+
+    Example:
+        >>> import math
+        >>> import torch
+        >>> from attn_course.train import IGNORE, sequence_cross_entropy
+        >>> logits = torch.zeros(1, 3, 4)                 # uniform over 4 classes
+        >>> targets = torch.tensor([[2, 0, IGNORE]])      # the last position does not count
+        >>> round(sequence_cross_entropy(logits, targets).item(), 4), round(math.log(4), 4)
+        (1.3863, 1.3863)
+    """
     return nn.functional.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=IGNORE)
 
 
 @torch.no_grad()
 def masked_accuracy(logits: torch.Tensor, targets: torch.Tensor) -> float:
-    """Fraction of the positions with a target (not ``IGNORE``) whose arg-max is right."""
+    """Fraction of the positions with a target (not ``IGNORE``) whose arg-max is right.
+
+    Example:
+        >>> import torch
+        >>> from attn_course.train import IGNORE, masked_accuracy
+        >>> logits = torch.tensor([[[0.0, 1.0], [1.0, 0.0], [1.0, 0.0]]])   # predicts 1, 0, 0
+        >>> masked_accuracy(logits, torch.tensor([[1, 1, IGNORE]]))           # 1 right of 2 counted
+        0.5
+    """
     keep = targets != IGNORE
     return (logits.argmax(-1)[keep] == targets[keep]).float().mean().item()
 
@@ -54,6 +81,20 @@ def fit(model: nn.Module, inputs, targets: torch.Tensor, *,
     built, where it would only print timings). ``eval_fn(model)``, if given, is called
     (in eval mode, without gradients) every ``eval_every`` steps and after the last.
     Returns a :class:`History`.
+
+    Example:
+        Three steps on a linear regression, with an evaluation after the last:
+
+        >>> import torch
+        >>> from torch import nn
+        >>> from attn_course.train import fit
+        >>> _ = torch.manual_seed(0)
+        >>> x = torch.randn(32, 2)
+        >>> y = x @ torch.tensor([[1.0], [-2.0]])
+        >>> model = nn.Linear(2, 1)
+        >>> history = fit(model, x, y, steps=3, batch_size=8, eval_fn=lambda m: 0.0)
+        >>> len(history), history.evals, model.training
+        (3, [(3, 0.0)], False)
     """
     batch_size = _checks.positive_number("batch_size", batch_size, integer=True)
     parts = inputs if isinstance(inputs, tuple) else (inputs,)
@@ -78,7 +119,22 @@ def fit_stream(model: nn.Module, next_batch: Callable[[int], tuple], *,
                eval_fn: Callable[[nn.Module], float] | None = None, eval_every: int = 50) -> History:
     """Like :func:`fit`, with batches from ``next_batch(step) -> (inputs, targets)``
     (``inputs`` a tensor or a tuple of tensors): for data generated on the fly, e.g.
-    a new sequence length every step."""
+    a new sequence length every step.
+
+    Example:
+        A new batch, of a new length, at every step:
+
+        >>> import torch
+        >>> from torch import nn
+        >>> from attn_course.train import fit_stream
+        >>> _ = torch.manual_seed(0)
+        >>> def next_batch(step):
+        ...     x = torch.randn(4, step + 1, 3)       # length step + 1
+        ...     return x, x.sum(-1, keepdim=True)
+        >>> history = fit_stream(nn.Linear(3, 1), next_batch, steps=3)
+        >>> len(history.losses)
+        3
+    """
     steps = _checks.positive_number("steps", steps, integer=True)
     lr = _checks.positive_number("lr", lr)
     eval_every = _checks.positive_number("eval_every", eval_every, integer=True)
@@ -110,7 +166,7 @@ def fit_stream(model: nn.Module, next_batch: Callable[[int], tuple], *,
 
 
 class StackedModels(nn.Module):
-    """``M`` models of one architecture, evaluated (and trained) as one module.
+    r"""``M`` models of one architecture, evaluated (and trained) as one module.
 
     The models' parameters and buffers are stacked along a leading model axis
     (``torch.func.stack_module_state``) and the forward pass is mapped over that axis with
@@ -118,10 +174,27 @@ class StackedModels(nn.Module):
     (``None`` passes through to every copy), returns the outputs of the ``M`` copies stacked,
     copy ``m`` computed from ``inputs[i][m]`` with model ``m``'s weights (the first item if a
     model returns a tuple). A loss summed over the copies gives each copy exactly the
-    gradient it would get alone, and Adam works element by element, so training the stack
-    trains ``M`` independent models at about the Python cost of one. :meth:`write_back`
-    copies the weights into the models. :func:`fit_stacked` trains one;
-    :class:`attn_course.transformer.SeedStack` is the one for the capstone's transformers.
+    gradient it would get alone, since the copies share no weight:
+
+    .. math:: \nabla_{\theta_m} \sum_{m'=1}^{n_\text{seeds}} \mathcal L_{m'}(\theta_{m'}) = \nabla_{\theta_m} \mathcal L_m(\theta_m)
+
+    and Adam works element by element, so training the stack trains ``M`` independent
+    models at about the Python cost of one. (This is the model-ensembling recipe of
+    ``torch.func``, not a paper's method.) :meth:`write_back` copies the weights into the
+    models. :func:`fit_stacked` trains one; :class:`attn_course.transformer.SeedStack` is
+    the one for the capstone's transformers.
+
+    Example:
+        >>> import torch
+        >>> from torch import nn
+        >>> from attn_course.train import StackedModels
+        >>> _ = torch.manual_seed(0)
+        >>> models = [nn.Linear(3, 2) for _ in range(4)]          # four seeds, one architecture
+        >>> stack = StackedModels(models)
+        >>> x = torch.randn(4, 5, 3)                               # (M, B, features): a batch each
+        >>> out = stack(x)
+        >>> tuple(out.shape), torch.allclose(out[2], models[2](x[2]))
+        ((4, 5, 2), True)
     """
 
     def __init__(self, models):
@@ -193,6 +266,22 @@ def fit_stacked(models, next_batch: Callable[[int], tuple[torch.Tensor, torch.Te
     dominates for small models). ``model(x)`` may return a tensor or a tuple whose first
     item is the prediction; ``loss_fn`` defaults to mean squared error. The trained weights
     are written back into ``models``, which are left in eval mode.
+
+    Example:
+        Two models, each with its own batch, three steps:
+
+        >>> import torch
+        >>> from torch import nn
+        >>> from attn_course.train import fit_stacked
+        >>> _ = torch.manual_seed(0)
+        >>> models = [nn.Linear(2, 1), nn.Linear(2, 1)]
+        >>> before = models[0].weight.clone()
+        >>> def next_batch(step):
+        ...     x = torch.randn(2, 8, 2)                   # (M, B, features)
+        ...     return x, x.sum(-1, keepdim=True)
+        >>> losses = fit_stacked(models, next_batch, steps=3)
+        >>> tuple(losses.shape), torch.equal(models[0].weight, before)   # (steps, M); trained in place
+        ((3, 2), False)
     """
     from tqdm.auto import trange
 

@@ -54,6 +54,20 @@ def gumbel_softmax(logits: torch.Tensor, tau: float = 1.0, *, hard: bool = False
     gradient is that of ``y`` (straight-through: ``onehot - y.detach() + y``).
     Unlike ``torch.nn.functional.gumbel_softmax`` it takes a ``generator``, so that
     samples can be reproduced.
+
+    Example:
+        Hard samples are one-hot and drawn with the probabilities ``softmax(logits)``:
+
+        >>> import torch
+        >>> from attn_course.variants import gumbel_softmax
+        >>> logits = torch.log(torch.tensor([0.7, 0.2, 0.1]))
+        >>> soft = gumbel_softmax(logits, tau=0.5, generator=torch.Generator().manual_seed(0))
+        >>> round(soft.sum().item(), 4)
+        1.0
+        >>> hard = gumbel_softmax(logits.expand(20000, 3), hard=True,
+        ...                       generator=torch.Generator().manual_seed(0))
+        >>> hard.sum(-1).unique().tolist(), [round(p, 1) for p in hard.mean(0).tolist()]
+        ([1.0], [0.7, 0.2, 0.1])
     """
     _checks.float_tensor("logits", logits)
     tau = _checks.positive_number("tau", tau)
@@ -71,6 +85,14 @@ def sample_hard(scores: torch.Tensor, generator: torch.Generator | None = None) 
     """Hard attention: sample one position per row from ``softmax(scores)``.
 
     Returns the positions ``(...)`` and their log-probabilities, for REINFORCE.
+
+    Example:
+        >>> import torch
+        >>> from attn_course.variants import sample_hard
+        >>> scores = torch.zeros(1000, 4)                     # uniform: every position 1/4
+        >>> idx, log_p = sample_hard(scores, torch.Generator().manual_seed(0))
+        >>> tuple(idx.shape), sorted(set(idx.tolist())), round(log_p[0].exp().item(), 4)
+        ((1000,), [0, 1, 2, 3], 0.25)
     """
     _checks.float_tensor("scores", scores)
     log_p = torch.log_softmax(scores, dim=-1)
@@ -90,6 +112,16 @@ def local_window_weights(scores: torch.Tensor, centres: torch.Tensor, window: in
     :math:`\exp(-(s - p_t)^2 / (2\sigma^2))`, :math:`\sigma = \mathrm{window} / 2`.
     As in the paper (eq. 10), the scaled weights are not renormalised: a row of local-p
     weights sums to less than 1 (to exactly 1 only in the limit of a flat Gaussian).
+
+    Example:
+        >>> import torch
+        >>> from attn_course.variants import local_window_weights
+        >>> scores, centre = torch.zeros(1, 7), torch.tensor([3.0])
+        >>> local_window_weights(scores, centre, window=1)             # local-m: 3 keys, uniform
+        tensor([[0.0000, 0.0000, 0.3333, 0.3333, 0.3333, 0.0000, 0.0000]])
+        >>> w = local_window_weights(scores, centre, window=1, gaussian=True)   # local-p, sigma 0.5
+        >>> [round(a, 4) for a in w[0, 2:5].tolist()], round(w.sum().item(), 4)  # exp(-2) at +-1
+        ([0.0451, 0.3333, 0.0451], 0.4236)
     """
     _checks.float_tensor("scores", scores, min_ndim=2)
     _checks.float_tensor("centres", centres)
@@ -109,7 +141,15 @@ def local_window_weights(scores: torch.Tensor, centres: torch.Tensor, window: in
 
 
 class LuongAttention(nn.Module):
-    """Luong attention with the "general" score ``q^T W k``: global, local-m or local-p.
+    r"""Luong attention with the "general" score ``q^T W k``: global, local-m or local-p.
+
+    .. math:: \alpha_{ij} = \mathrm{softmax}_{j \in \mathcal J_i}\big(\mathbf q_i^\top W \mathbf k_j\big),
+              \qquad \mathbf o_i = \sum_j \alpha_{ij}\, \mathbf v_j
+
+    with :math:`\mathcal J_i` every key (global) or the window
+    :math:`|j - \mathrm{round}(p_i)| \le w` around a centre :math:`p_i` (local); local-p then
+    multiplies :math:`\alpha_{ij}` by :math:`\exp(-(j - p_i)^2 / 2\sigma^2)`, :math:`\sigma = w / 2`
+    (Luong et al., 2015, who write :math:`h_t`, :math:`\bar h_s` and :math:`D` for the window).
 
     ``forward(query (B, T, dq), keys (B, S, dk), values (B, S, dv)) -> (output, weights (B, T, S),
     centres (B, T) or None)``. local-m centres the window at ``t * (S - 1) / (T - 1)`` (the
@@ -117,6 +157,21 @@ class LuongAttention(nn.Module):
     ``p_t = S * sigmoid(v_p^T tanh(W_p h_t))`` with ``S`` the source length, so
     ``p_t`` lies in ``[0, S]`` (Luong et al., 2015, eq. 9; a window around ``p_t`` near
     ``S`` is cut at the last position, ``S - 1``).
+
+    Example:
+        >>> import torch
+        >>> from attn_course.variants import LuongAttention
+        >>> _ = torch.manual_seed(0)
+        >>> query, keys = torch.randn(1, 3, 4), torch.randn(1, 5, 4)
+        >>> out, weights, centres = LuongAttention(4, 4, mode="local-m", window=1)(query, keys, keys)
+        >>> tuple(out.shape), centres.tolist()           # monotonic centres t (S - 1) / (T - 1)
+        ((1, 3, 4), [[0.0, 2.0, 4.0]])
+        >>> (weights[0] > 0).int()                       # each query sees the window around its centre
+        tensor([[1, 1, 0, 0, 0],
+                [0, 1, 1, 1, 0],
+                [0, 0, 0, 1, 1]], dtype=torch.int32)
+        >>> LuongAttention(4, 4)(query, keys, keys)[2] is None    # global: no centres
+        True
     """
 
     def __init__(self, query_dim: int, key_dim: int, mode: str = "global", window: int = 2):
@@ -170,13 +225,36 @@ def _select(scores: torch.Tensor, mode: str) -> torch.Tensor:
 
 
 class MarkerSelector(nn.Module):
-    """The "find the marked item" model: score every item, select, classify.
+    r"""The "find the marked item" model: score every item, select, classify.
+
+    .. math:: s_i = \mathbf u^\top \mathbf x_i + c,\qquad
+              \hat y = \mathrm{classifier}\Big(\sum_i \alpha_i \mathbf x_i\Big),\qquad
+              \alpha = \mathrm{softmax}(s) \text{ (soft) or } \mathrm{onehot}(j),\ j \sim \mathrm{softmax}(s) \text{ (hard)}
+
+    Soft and hard attention as Xu et al. (2015) compare them; the hard choice is trained with
+    REINFORCE (Williams, 1992) or a straight-through Gumbel-softmax (Jang et al., 2017).
 
     ``mode="soft"`` averages the items with softmax weights; ``"reinforce"`` samples one
     item (hard attention) and learns the scorer with REINFORCE and a running-mean
     baseline; ``"gumbel"`` selects one item with straight-through Gumbel-softmax.
     ``loss(x (B, L, F), y (B,), generator) -> (loss, accuracy)``; ``select(x)`` gives
     the weights used at test time (soft weights, or the one-hot arg-max).
+
+    Example:
+        >>> import torch
+        >>> from attn_course.data import marked_item_task
+        >>> from attn_course.variants import MarkerSelector
+        >>> _ = torch.manual_seed(0)
+        >>> x, y = marked_item_task(16, length=6, vocab_size=4)           # x (16, 6, 5)
+        >>> model = MarkerSelector(num_features=5, num_classes=4, mode="reinforce")
+        >>> loss, accuracy = model.loss(x, y, torch.Generator().manual_seed(0))
+        >>> loss.requires_grad, 0.0 <= accuracy <= 1.0, model.baseline.item() > 0   # baseline moved
+        (True, True, True)
+        >>> model.select(x).sum(-1).unique().tolist()                    # test time: one-hot arg-max
+        [1.0]
+        >>> logits, weights = MarkerSelector(5, 4, mode="soft")(x)
+        >>> tuple(logits.shape), torch.allclose(weights.sum(-1), torch.ones(16))
+        ((16, 4), True)
     """
 
     def __init__(self, num_features: int, num_classes: int, mode: str = "soft", tau: float = 1.0):
@@ -221,8 +299,14 @@ class MarkerSelector(nn.Module):
         return loss, (logits.argmax(-1) == y).float().mean().item()
 
 class StackedMarkerSelectors(nn.Module):
-    """``M`` :class:`MarkerSelector` of one mode, each with its own weights and REINFORCE
+    r"""``M`` :class:`MarkerSelector` of one mode, each with its own weights and REINFORCE
     baseline, evaluated and trained as one batched model (a leading model axis ``M``).
+
+    .. math:: \mathcal L = \sum_{m=1}^{n_\text{seeds}} \mathcal L_m(\theta_m),\qquad
+              \nabla_{\theta_m} \mathcal L = \nabla_{\theta_m} \mathcal L_m
+
+    each :math:`\mathcal L_m` the loss of :class:`MarkerSelector` (soft attention; REINFORCE,
+    Williams, 1992; or Gumbel-softmax, Jang et al., 2017).
 
     Summing the ``M`` losses gives each copy exactly its own gradient, and Adam works element
     by element, so one training of the stack is ``M`` independent trainings (seeds) at the
@@ -232,6 +316,23 @@ class StackedMarkerSelectors(nn.Module):
     ``scores(x (M, B, L, F) or (B, L, F)) -> (M, B, L)``; ``forward(x) -> (logits (M, B, C),
     weights (M, B, L))``; ``loss(x, y (M, B), generator, update_baseline=True) -> (sum of the
     M losses, accuracies (M,))``, each copy's loss as in :meth:`MarkerSelector.loss`.
+
+    Example:
+        >>> import torch
+        >>> from attn_course.data import marked_item_task
+        >>> from attn_course.variants import MarkerSelector, StackedMarkerSelectors
+        >>> _ = torch.manual_seed(0)
+        >>> models = [MarkerSelector(5, 4) for _ in range(3)]               # three seeds
+        >>> stack = StackedMarkerSelectors(models)
+        >>> x, y = marked_item_task(8, length=6, vocab_size=4)               # one batch, shared
+        >>> logits, weights = stack(x)
+        >>> tuple(logits.shape), tuple(weights.shape)
+        ((3, 8, 4), (3, 8, 6))
+        >>> torch.allclose(logits[1], models[1](x)[0], atol=1e-6)          # copy 1 is model 1
+        True
+        >>> loss, accuracies = stack.loss(x, y)
+        >>> tuple(accuracies.shape)
+        (3,)
     """
 
     def __init__(self, models: Sequence[MarkerSelector]):
@@ -318,6 +419,20 @@ def scorer_gradient_draws(model: MarkerSelector, x: torch.Tensor, y: torch.Tenso
     The estimates are taken on copies (a :class:`StackedMarkerSelectors` of ``draws``
     copies, one backward pass): ``model``'s weights, gradients and REINFORCE baseline are
     left as they were, and every draw uses the same baseline, the model's current one.
+
+    Example:
+        Soft attention's gradient has no sampling noise; REINFORCE's does:
+
+        >>> import torch
+        >>> from attn_course.data import marked_item_task
+        >>> from attn_course.variants import MarkerSelector, scorer_gradient_draws
+        >>> _ = torch.manual_seed(0)
+        >>> x, y = marked_item_task(16, length=6, vocab_size=4)
+        >>> soft = scorer_gradient_draws(MarkerSelector(5, 4, "soft"), x, y, draws=20)
+        >>> hard = scorer_gradient_draws(MarkerSelector(5, 4, "reinforce"), x, y, draws=20,
+        ...                              generator=torch.Generator().manual_seed(0))
+        >>> tuple(hard.shape), soft.std(0).max().item() < 1e-6, hard.std(0).max().item() > 1e-3
+        ((20, 5), True, True)
     """
     draws = _checks.positive_number("draws", draws, integer=True)
     if not isinstance(model, MarkerSelector):
@@ -329,7 +444,13 @@ def scorer_gradient_draws(model: MarkerSelector, x: torch.Tensor, y: torch.Tenso
 
 
 class LocalAttentionTagger(nn.Module):
-    """One local self-attention layer (window ``+-window``) and a per-position readout.
+    r"""One local self-attention layer (window ``+-window``) and a per-position readout.
+
+    .. math:: \alpha_{ij} = \mathrm{softmax}_{|j - i| \le w}\Big(\frac{\mathbf q_i \cdot \mathbf k_j}{\sqrt{d}}
+              \;[+\; b_{j - i}]\Big),\qquad
+              \mathrm{logits}_i = W_\text{out} \sum_j \alpha_{ij} \mathbf v_j
+
+    local attention as in Luong et al. (2015) and Longformer's window (Beltagy et al., 2020).
 
     ``forward(x (B, L, F)) -> (logits (B, L, C), weights (B, L, L))``. Without positions
     (the default) the weights depend only on the content: within its window the layer sees
@@ -337,6 +458,18 @@ class LocalAttentionTagger(nn.Module):
     ``j - i`` to the scores (a relative position bias, as in Shaw et al., 2018, in its
     scalar form), with which a head can attend to a fixed offset, as a convolution does
     (Cordonnier et al., 2020).
+
+    Example:
+        >>> import torch
+        >>> from attn_course.sparse import sliding_window_mask
+        >>> from attn_course.variants import LocalAttentionTagger
+        >>> _ = torch.manual_seed(0)
+        >>> tagger = LocalAttentionTagger(num_features=5, num_classes=3, window=2)
+        >>> logits, weights = tagger(torch.randn(4, 10, 5))
+        >>> tuple(logits.shape), tuple(weights.shape)
+        ((4, 10, 3), (4, 10, 10))
+        >>> torch.equal(weights[0] > 0, sliding_window_mask(10, 2))   # nothing outside the window
+        True
     """
 
     def __init__(self, num_features: int, num_classes: int, window: int, hidden: int = 16, *,
@@ -360,8 +493,27 @@ class LocalAttentionTagger(nn.Module):
 
 
 class ConvTagger(nn.Module):
-    """A 1-D CNN with the same receptive field: ``depth`` layers whose kernels together span
-    ``2 * window + 1`` positions. ``forward(x (B, L, F)) -> (logits (B, L, C), None)``."""
+    r"""A 1-D CNN with the same receptive field: ``depth`` layers whose kernels together span
+    ``2 * window + 1`` positions. ``forward(x (B, L, F)) -> (logits (B, L, C), None)``.
+
+    .. math:: \mathbf h^{(l)}_i = \mathrm{ReLU}\Big(\sum_{|o| \le w / n_\text{layers}} W^{(l)}_o\,
+              \mathbf h^{(l-1)}_{i+o} + \mathbf b^{(l)}\Big),\qquad
+              \mathrm{logits}_i = W_\text{out} \mathbf h^{(n_\text{layers})}_i
+
+    with ``depth`` :math:`= n_\text{layers}`: the convolutional tagger of Collobert et al.
+    (2011). The kernel :math:`W^{(l)}_o` depends on the offset :math:`o` only, never on the
+    content.
+
+    Example:
+        >>> import torch
+        >>> from attn_course.variants import ConvTagger, receptive_field
+        >>> tagger = ConvTagger(num_features=3, num_classes=2, window=2, depth=2)
+        >>> logits, _ = tagger(torch.randn(4, 10, 3))
+        >>> tuple(logits.shape)
+        (4, 10, 2)
+        >>> receptive_field(tagger.double(), 10, 3, position=5).nonzero().flatten().tolist()
+        [3, 4, 5, 6, 7]
+    """
 
     def __init__(self, num_features: int, num_classes: int, window: int, hidden: int = 16, depth: int = 1):
         super().__init__()
@@ -390,6 +542,21 @@ class DynamicConvTagger(nn.Module):
     ``i + o`` depends on the content of ``i`` and the offset ``o``, not on the content of
     ``i + o``. (The paper's DropConnect on the kernel and its output projection before the
     readout are left out.) ``forward(x (B, L, F)) -> (logits (B, L, C), kernels (B, L, H, 2w + 1))``.
+
+    .. math:: \mathbf v_i = \mathrm{GLU}(W_\text{in} \mathbf x_i),\qquad
+              \pi^h_i = \mathrm{softmax}\big(W^h_\pi \mathbf v_i\big) \in \mathbb R^{2w+1},\qquad
+              \mathbf o^h_i = \sum_{|o| \le w} \pi^h_{i, o}\, \mathbf v^h_{i+o}
+
+    Example:
+        >>> import torch
+        >>> from attn_course.variants import DynamicConvTagger
+        >>> _ = torch.manual_seed(0)
+        >>> tagger = DynamicConvTagger(num_features=5, num_classes=3, window=2, hidden=8, heads=4)
+        >>> logits, kernels = tagger(torch.randn(2, 7, 5))
+        >>> tuple(logits.shape), tuple(kernels.shape)            # a kernel per position and head
+        ((2, 7, 3), (2, 7, 4, 5))
+        >>> torch.allclose(kernels.sum(-1), torch.ones(2, 7, 4))
+        True
     """
 
     def __init__(self, num_features: int, num_classes: int, window: int, hidden: int = 16, heads: int = 4):
@@ -422,6 +589,15 @@ def shifted_copy_task(num_examples: int, length: int = 36, shift: int = 3, vocab
 
     Returns one-hot symbols ``x (num_examples, length, vocab_size)`` and targets
     ``(num_examples, length)``: ``y[:, t] = symbol[t - shift]``, ``-100`` (ignored) for ``t < shift``.
+
+    Example:
+        >>> import torch
+        >>> from attn_course.variants import shifted_copy_task
+        >>> x, y = shifted_copy_task(2, length=8, shift=3, generator=torch.Generator().manual_seed(0))
+        >>> tuple(x.shape), y[:, :3].tolist()
+        ((2, 8, 8), [[-100, -100, -100], [-100, -100, -100]])
+        >>> torch.equal(y[:, 3:], x.argmax(-1)[:, :-3])
+        True
     """
     n = _checks.positive_number("num_examples", num_examples, integer=True)
     L = _checks.positive_number("length", length, integer=True)
@@ -448,6 +624,20 @@ def fit_seeds(make_model: Callable[[], nn.Module], seeds: Sequence[int],
     and Adam works element by element, so this equals ``M`` separate trainings with Adam,
     at a fraction of the time. ``model(x)`` may return a tensor or a tuple whose first item
     is the prediction. The trained weights are written back into the returned models.
+
+    Example:
+        Three seeds of a linear model, three steps:
+
+        >>> import torch
+        >>> from torch import nn
+        >>> from attn_course.variants import fit_seeds
+        >>> def next_batch(step):
+        ...     x = torch.randn(3, 8, 2)                   # (M, B, features): a batch per seed
+        ...     return x, x.sum(-1, keepdim=True)
+        >>> models = fit_seeds(lambda: nn.Linear(2, 1), [0, 1, 2], next_batch,
+        ...                    loss_fn=nn.functional.mse_loss, steps=3)
+        >>> len(models), torch.equal(models[0].weight, models[1].weight)
+        (3, False)
     """
     from .train import fit_stacked
 
@@ -466,6 +656,11 @@ def receptive_field(fn, length: int, channels: int, position: int, *, seed: int 
 
     Measured by the gradient of ``fn(x)[:, position]`` with respect to a random input
     ``x (1, length, channels)`` (float64).
+
+    Example:
+        >>> from attn_course.variants import receptive_field
+        >>> receptive_field(lambda x: x.cumsum(1), length=5, channels=2, position=2).tolist()
+        [True, True, True, False, False]
     """
     length = _checks.positive_number("length", length, integer=True)
     if not 0 <= position < length:
@@ -479,7 +674,13 @@ def receptive_field(fn, length: int, channels: int, position: int, *, seed: int 
 
 
 def conv_receptive_field(num_layers: int, kernel_size: int, dilation: int = 1) -> int:
-    """Closed form: ``1 + num_layers * (kernel_size - 1) * dilation`` positions."""
+    """Closed form: ``1 + num_layers * (kernel_size - 1) * dilation`` positions.
+
+    Example:
+        >>> from attn_course.variants import conv_receptive_field
+        >>> conv_receptive_field(2, 3), conv_receptive_field(3, 3, dilation=2)
+        (5, 13)
+    """
     for name, v in (("num_layers", num_layers), ("kernel_size", kernel_size), ("dilation", dilation)):
         _checks.positive_number(name, v, integer=True)
     return 1 + num_layers * (kernel_size - 1) * dilation

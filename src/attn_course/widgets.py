@@ -27,7 +27,19 @@ _ENV = "ATTN_COURSE_STATIC"
 
 
 def is_static() -> bool:
-    """True when notebooks are being executed for the static book (``ATTN_COURSE_STATIC=1``)."""
+    """True when notebooks are being executed for the static book (``ATTN_COURSE_STATIC=1``).
+
+    Example:
+        >>> import os
+        >>> from unittest import mock
+        >>> from attn_course.widgets import is_static
+        >>> with mock.patch.dict(os.environ, {"ATTN_COURSE_STATIC": "1"}):
+        ...     print(is_static())
+        True
+        >>> with mock.patch.dict(os.environ, {"ATTN_COURSE_STATIC": "0"}):
+        ...     print(is_static())
+        False
+    """
     return os.environ.get(_ENV, "").strip().lower() in {"1", "true", "yes"}
 
 
@@ -47,7 +59,19 @@ def _fmt(v) -> str:
 
 
 class StaticExplorer:
-    """The static rendering of :func:`explore`: an HTML frame player with a slider."""
+    """The static rendering of :func:`explore`: an HTML frame player with a slider.
+
+    ``html`` is the self-contained player (what the notebook displays), ``names`` the
+    sliders and ``frames`` one tuple of slider values per frame. Its text form lists them.
+
+    Example:
+        >>> from attn_course.widgets import StaticExplorer
+        >>> player = StaticExplorer("<div>...</div>", ["window"], [(1,), (2,), (4,)])
+        >>> player
+        <interactive figure, 3 frames: window in [1, 2, 4]>
+        >>> player._repr_html_()
+        '<div>...</div>'
+    """
 
     def __init__(self, html: str, names: Sequence[str], frames: Sequence[tuple]):
         self.html = html
@@ -121,6 +145,19 @@ def explore(draw: Callable, *, mode: str | None = None, figsize: tuple[float, fl
     Returns:
         The ipywidgets box (live) or a :class:`StaticExplorer` (static);
         either displays itself as the last expression of a cell.
+
+    Example:
+        >>> import numpy as np
+        >>> from attn_course.widgets import explore
+        >>> def draw(fig, temperature):
+        ...     ax = fig.subplots()
+        ...     ax.plot(np.exp(np.arange(4) / temperature))
+        ...     ax.set_xlabel("key")
+        >>> player = explore(draw, mode="static", temperature=[0.5, 2.0])
+        >>> player
+        <interactive figure, 2 frames: temperature in [0.5, 2]>
+        >>> "https://" in player.html   # self-contained: works offline
+        False
     """
     if not callable(draw):
         raise TypeError(f"draw must be a function draw(fig, **values), got {type(draw).__name__}")

@@ -2,7 +2,7 @@
 
 >>> from attn_course.exercises import check, list_exercises
 >>> check("basics.masked_softmax", my_masked_softmax)  # doctest: +SKIP
-✅ basics.masked_softmax: passed all 5 tests.
+✅ basics.masked_softmax: passed all ... tests.
 
 Each chapter's exercises live in a module of this package named for the chapter's topic
 (``basics``, ``sparse``, ``serving``, ...), never its number, so a chapter can move without
@@ -47,7 +47,19 @@ del _exercise
 
 
 def list_exercises() -> list[str]:
-    """The names of all auto-checked exercises, like ``"basics.masked_softmax"``, sorted."""
+    """The names of all auto-checked exercises, like ``"basics.masked_softmax"``, sorted.
+
+    Each name is ``"<topic>.<name>"``, the topic being a module of this package.
+
+    Example:
+        >>> from attn_course.exercises import list_exercises
+        >>> names = list_exercises()
+        >>> "basics.masked_softmax" in names, names == sorted(names)
+        (True, True)
+        >>> topics = {name.split(".")[0] for name in names}   # one per exercise module
+        >>> {"basics", "sparse", "flash"} <= topics
+        True
+    """
     return sorted(_REGISTRY)
 
 
@@ -66,7 +78,15 @@ def _get(name) -> Exercise:
 
 
 def solution(name: str) -> Callable:
-    """The reference solution of exercise ``name``."""
+    """The reference solution of exercise ``name``.
+
+    Example:
+        >>> import torch
+        >>> from attn_course.exercises import solution
+        >>> masked_softmax = solution("basics.masked_softmax")
+        >>> masked_softmax(torch.zeros(1, 4), torch.tensor([[True, True, False, False]]))
+        tensor([[0.5000, 0.5000, 0.0000, 0.0000]])
+    """
     return _get(name).solution
 
 
@@ -77,6 +97,27 @@ def check(name: str, fn: Callable, *, strict: bool = False, timeout: float = DEF
     shape, NaN, or running past ``timeout`` seconds is reported. Returns
     whether every case passed; with ``strict=True`` a failure raises
     ``AssertionError`` carrying the feedback (used to test the solutions).
+
+    Example:
+        A right answer, a wrong one (the mask ignored) and one not written yet:
+
+        >>> import torch
+        >>> from attn_course.exercises import check
+        >>> def mine(scores, mask):
+        ...     weights = torch.softmax(scores.masked_fill(~mask, float("-inf")), dim=-1)
+        ...     return weights.nan_to_num(0.0)
+        >>> check("basics.masked_softmax", mine)
+        ✅ basics.masked_softmax: passed all ... tests.
+        True
+        >>> check("basics.masked_softmax", lambda scores, mask: torch.softmax(scores, dim=-1))
+        ❌ basics.masked_softmax: test ...: the result differs from the answer by up to ...
+           Hint: masked keys got weight: the mask is ignored. ...
+        False
+        >>> def stub(scores, mask):
+        ...     raise NotImplementedError
+        >>> check("basics.masked_softmax", stub)
+        ✏️ basics.masked_softmax: not answered yet. Replace `raise NotImplementedError` with your code. ...
+        False
     """
     ex = _get(name)
     if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or timeout <= 0:
