@@ -6,6 +6,7 @@ import importlib
 import inspect
 import os
 import random
+import re
 
 import matplotlib
 import matplotlib.pyplot as plt
@@ -23,9 +24,16 @@ MODULES = ["attn_course", "attn_course.basics", "attn_course.seq2seq", "attn_cou
 # The modules whose public functions and classes each carry a doctested ``Example:`` section
 # (Google style, as napoleon reads it). Add a module here once its examples are written.
 DOCTEST_MODULES = ["attn_course", "attn_course.basics", "attn_course.seq2seq", "attn_course.variants",
-                   "attn_course.positional", "attn_course.sparse", "attn_course.modern",
+                   "attn_course.multihead", "attn_course.positional", "attn_course.sparse",
+                   "attn_course.serving", "attn_course.modern",
                    "attn_course.exercises", "attn_course.report", "attn_course.widgets",
                    "attn_course.plotting", "attn_course.data", "attn_course.train", "attn_course.bench"]
+
+# The modules of models and caches: every public class there states its equation (``.. math::``
+# or ``:math:``) and the paper it comes from (an author and a year, e.g. "Kwon et al., 2023").
+EQUATION_MODULES = ["attn_course.basics", "attn_course.seq2seq", "attn_course.variants",
+                    "attn_course.multihead", "attn_course.positional", "attn_course.serving",
+                    "attn_course.modern"]
 
 # Public objects whose every checked example line (one with an expected output) is
 # ``# doctest: +SKIP``, and why. Anything else must have at least one checked line that runs.
@@ -101,8 +109,27 @@ def test_every_public_function_and_class_has_an_example(name):
     assert not stale, f"{stale} have running examples now: remove them from SKIPPED_EXAMPLES"
 
 
+_CITATION = re.compile(r"[A-Z][\w\-]+(?:\s+et\s+al\.(?:'s)?|\s+and\s+[A-Z][\w\-]+)?,?\s+\(?(?:19|20)\d\d\b")
+
+
+@pytest.mark.parametrize("name", EQUATION_MODULES)
+def test_every_public_class_gives_its_equation_and_paper(name):
+    no_equation, no_paper = [], []
+    for public, obj in _public_callables(name):
+        if not inspect.isclass(obj):
+            continue
+        doc = inspect.getdoc(obj) or ""
+        if ".. math::" not in doc and ":math:" not in doc:
+            no_equation.append(public)
+        if not _CITATION.search(doc):
+            no_paper.append(public)
+    assert not no_equation, f"{name}: no equation (.. math:: or :math:) in the docstring of {no_equation}"
+    assert not no_paper, f"{name}: no paper (Author et al., year) in the docstring of {no_paper}"
+
+
 def test_the_lists_of_modules_agree():
     assert set(DOCTEST_MODULES) <= set(MODULES)
+    assert set(EQUATION_MODULES) <= set(DOCTEST_MODULES)
     assert {key.rsplit(".", 1)[0] for key in SKIPPED_EXAMPLES} <= set(DOCTEST_MODULES)
 
 

@@ -36,7 +36,21 @@ __all__ = [
 
 
 def split_heads(x: torch.Tensor, num_heads: int) -> torch.Tensor:
-    """``(B, L, H * d) -> (B, H, L, d)``: give every head its own slice of the features."""
+    """``(B, L, H * d) -> (B, H, L, d)``: give every head its own slice of the features.
+
+    Head ``h`` gets features ``h d .. (h + 1) d - 1`` of every token (a view, no copy).
+
+    Example:
+        >>> import torch
+        >>> from attn_course.multihead import split_heads
+        >>> x = torch.arange(12.0).view(1, 2, 6)        # B=1, L=2 tokens, E=6 features
+        >>> heads = split_heads(x, num_heads=3)         # 3 heads of d=2 features
+        >>> tuple(heads.shape)
+        (1, 3, 2, 2)
+        >>> heads[0, 1]                                 # head 1: features 2 and 3 of each token
+        tensor([[2., 3.],
+                [8., 9.]])
+    """
     _checks.float_tensor("x", x, ndim=3)
     num_heads = _checks.positive_number("num_heads", num_heads, integer=True)
     B, L, E = x.shape
@@ -47,7 +61,18 @@ def split_heads(x: torch.Tensor, num_heads: int) -> torch.Tensor:
 
 
 def merge_heads(x: torch.Tensor) -> torch.Tensor:
-    """``(B, H, L, d) -> (B, L, H * d)``: the inverse of :func:`split_heads`."""
+    """``(B, H, L, d) -> (B, L, H * d)``: the inverse of :func:`split_heads`.
+
+    Example:
+        >>> import torch
+        >>> from attn_course.multihead import merge_heads, split_heads
+        >>> _ = torch.manual_seed(0)
+        >>> heads = torch.randn(2, 4, 5, 3)             # B=2, H=4 heads, L=5, d=3
+        >>> tuple(merge_heads(heads).shape)             # the heads side by side: E = H d = 12
+        (2, 5, 12)
+        >>> torch.equal(split_heads(merge_heads(heads), num_heads=4), heads)
+        True
+    """
     _checks.float_tensor("x", x, ndim=4)
     B, H, L, d = x.shape
     return x.transpose(1, 2).reshape(B, L, H * d)
@@ -60,6 +85,19 @@ def masks_from_torch(attn_mask: torch.Tensor | None = None,
     torch marks what is *hidden* (``True`` = masked out): ``attn_mask (L_q, L_k)`` and
     ``key_padding_mask (B, L_k)``. Returns one mask with ``True`` = may attend, of shape
     ``(B, 1, L_q, L_k)`` (or ``(L_q, L_k)`` / ``(B, 1, 1, L_k)`` when only one is given).
+
+    Example:
+        >>> import torch
+        >>> from attn_course.multihead import masks_from_torch
+        >>> hidden = torch.ones(3, 3, dtype=torch.bool).triu(1)      # torch: True = masked out (causal)
+        >>> padding = torch.tensor([[False, False, True]])            # torch: the last key is padding
+        >>> mask = masks_from_torch(hidden, padding)
+        >>> tuple(mask.shape)
+        (1, 1, 3, 3)
+        >>> mask[0, 0].int()                                          # the course: True = may attend
+        tensor([[1, 0, 0],
+                [1, 1, 0],
+                [1, 1, 0]], dtype=torch.int32)
     """
     out = None
     if attn_mask is not None:
@@ -89,7 +127,8 @@ class MultiHeadAttention(nn.Module):
     Args:
         embed_dim: ``E``, the width of queries and of the output.
         num_heads: ``H``; ``E`` must be divisible by it (each head has width ``E / H``).
-        kdim, vdim: feature sizes of ``key`` and ``value`` (default ``E``).
+        kdim: the feature size of ``key`` (default ``E``).
+        vdim: the feature size of ``value`` (default ``E``).
         bias: biases in the four projections.
         dropout: dropout on the attention weights, in training mode.
 
@@ -98,6 +137,24 @@ class MultiHeadAttention(nn.Module):
     ``output (B, L_q, E)`` and ``weights (B, H, L_q, L_k)`` (``None`` without
     ``need_weights``, which then uses torch's fused kernel). ``head_mask (H,)`` scales
     each head's output (``0`` removes a head: ablations).
+
+    Example:
+        >>> import torch
+        >>> from attn_course.multihead import MultiHeadAttention
+        >>> _ = torch.manual_seed(0)
+        >>> mha = MultiHeadAttention(embed_dim=8, num_heads=2)
+        >>> x = torch.randn(2, 5, 8)                              # self-attention: B=2, L=5, E=8
+        >>> out, weights = mha(x, x, x, is_causal=True)
+        >>> tuple(out.shape), tuple(weights.shape)
+        ((2, 5, 8), (2, 2, 5, 5))
+        >>> torch.allclose(weights.sum(-1), torch.ones(2, 2, 5)), weights[0, 0, 0].tolist()
+        (True, [1.0, 0.0, 0.0, 0.0, 0.0])
+        >>> fused, none = mha(x, x, x, is_causal=True, need_weights=False)   # torch's fused kernel
+        >>> torch.allclose(fused, out, atol=1e-6), none
+        (True, None)
+        >>> removed, _ = mha(x, x, x, head_mask=torch.zeros(2))  # every head removed: only W_O's bias is left
+        >>> torch.allclose(removed, mha.out_proj.bias.expand(2, 5, 8))
+        True
     """
 
     def __init__(self, embed_dim: int, num_heads: int, *, kdim: int | None = None,
@@ -183,6 +240,19 @@ class MultiHeadAttention(nn.Module):
         The copy is batch-first whatever ``module.batch_first`` is, and gives the same
         outputs as ``module`` on batch-first inputs (masks converted with
         :func:`masks_from_torch`).
+
+        Example:
+            >>> import torch
+            >>> from attn_course.multihead import MultiHeadAttention, masks_from_torch
+            >>> _ = torch.manual_seed(0)
+            >>> reference = torch.nn.MultiheadAttention(8, 2, batch_first=True)
+            >>> mha = MultiHeadAttention.from_torch(reference)
+            >>> x = torch.randn(2, 4, 8)
+            >>> padding = torch.tensor([[False] * 4, [False, False, True, True]])   # torch: True = padding
+            >>> expected, _ = reference(x, x, x, key_padding_mask=padding)
+            >>> out, _ = mha(x, x, x, masks_from_torch(key_padding_mask=padding))
+            >>> torch.allclose(out, expected, atol=1e-6)
+            True
         """
         if not isinstance(module, nn.MultiheadAttention):
             raise TypeError(f"module must be a torch.nn.MultiheadAttention, got {type(module).__name__}")
@@ -213,6 +283,10 @@ class MultiHeadAttention(nn.Module):
 class GroupedQueryAttention(nn.Module):
     r"""Grouped-query attention (Ainslie et al., 2023): ``H`` query heads share ``G`` key/value heads.
 
+    .. math:: \mathrm{head}_h = \mathrm{softmax}\Big(\frac{X W_Q^h (X W_K^{g(h)})^\top}{\sqrt{E/H}}\Big)
+              X W_V^{g(h)},\quad g(h) = \lfloor h G / H \rfloor\ (h = 0, \dots, H - 1),\quad
+              \mathrm{GQA}(X) = [\mathrm{head}_0; \dots; \mathrm{head}_{H-1}] W_O
+
     ``num_kv_heads = num_heads`` is multi-head attention, ``num_kv_heads = 1`` is
     multi-query attention (Shazeer, 2019). Each group of ``H / G`` query heads reads the
     same keys and values, so a decoding cache holds ``G`` heads instead of ``H``.
@@ -220,6 +294,20 @@ class GroupedQueryAttention(nn.Module):
     With a :class:`~attn_course.serving.KVCache`, ``x`` holds only the new tokens: their keys and values are
     appended to the cache and they attend to every cached token (causally, if
     ``is_causal``); ``weights`` is then ``(B, H, L, T)`` for ``T`` tokens in all.
+
+    Example:
+        >>> import torch
+        >>> from attn_course.multihead import GroupedQueryAttention, KVCache
+        >>> _ = torch.manual_seed(0)
+        >>> gqa = GroupedQueryAttention(embed_dim=8, num_heads=4, num_kv_heads=2)   # 2 query heads per KV head
+        >>> tuple(gqa.q_proj.weight.shape), tuple(gqa.k_proj.weight.shape)          # keys: G d = 2 x 2 features
+        ((8, 8), (4, 8))
+        >>> x = torch.randn(1, 6, 8)
+        >>> full, _ = gqa(x, is_causal=True)
+        >>> cache = KVCache()
+        >>> steps = [gqa(x[:, t:t + 1], is_causal=True, cache=cache)[0] for t in range(6)]   # one token at a time
+        >>> torch.allclose(torch.cat(steps, dim=1), full, atol=1e-6), tuple(cache.key.shape)   # G=2 heads cached
+        (True, (1, 2, 6, 2))
     """
 
     def __init__(self, embed_dim: int, num_heads: int, num_kv_heads: int, *, bias: bool = True):
@@ -264,10 +352,29 @@ class GroupedQueryAttention(nn.Module):
 
 
 class AttentionClassifier(nn.Module):
-    """Token and learned position embeddings, one causal multi-head attention layer, a linear readout.
+    r"""Token and learned position embeddings, one causal multi-head attention layer, a linear readout.
 
-    The smallest model in which heads can specialise (chapter 4).
+    .. math:: X = E_\text{tok}[\text{ids}] + P_{1:L},\qquad
+              \text{logits} = \mathrm{MHA}_\text{causal}(X, X, X)\, W_r + b_r
+
+    with :class:`MultiHeadAttention` (Vaswani et al., 2017) and no MLP, normalisation or
+    residual: a one-layer attention-only transformer (Elhage et al., 2021), the smallest
+    model in which heads can specialise (chapter 4).
     ``forward(ids (B, L), head_mask=None) -> (logits (B, L, num_classes), weights (B, H, L, L))``.
+
+    Example:
+        >>> import torch
+        >>> from attn_course.multihead import AttentionClassifier
+        >>> _ = torch.manual_seed(0)
+        >>> model = AttentionClassifier(vocab_size=10, length=6, embed_dim=8, num_heads=2, num_classes=3)
+        >>> ids = torch.randint(0, 10, (4, 6))
+        >>> logits, weights = model(ids)
+        >>> tuple(logits.shape), tuple(weights.shape)
+        ((4, 6, 3), (4, 2, 6, 6))
+        >>> changed = ids.clone()
+        >>> changed[:, -1] = (ids[:, -1] + 1) % 10          # another last token ...
+        >>> torch.allclose(model(changed)[0][:, :-1], logits[:, :-1])   # ... changes no earlier prediction
+        True
     """
 
     def __init__(self, vocab_size: int, length: int, embed_dim: int, num_heads: int, num_classes: int):
@@ -290,11 +397,12 @@ class AttentionClassifier(nn.Module):
 
 
 class ParallelAttentionClassifiers(nn.Module):
-    """``M`` copies of :class:`AttentionClassifier`, each with its own weights, run as one model.
+    r"""``M`` copies of :class:`AttentionClassifier`, each with its own weights, run as one model.
 
     Every parameter gets a leading model axis ``M``; summing the ``M`` losses gives each
     copy exactly its own gradient (and Adam works element by element), so ``M`` seeds
     train in one loop, as fast as one model on a CPU. Build it with :meth:`from_models`
+    (the constructor alone leaves every parameter at zero)
     and take copy ``m`` out as an ordinary :class:`AttentionClassifier` with :meth:`model`.
 
     ``forward(ids (M, B, L) or (B, L), head_mask=None, need_weights=True) -> (logits (M, B, L, C),
@@ -302,6 +410,33 @@ class ParallelAttentionClassifiers(nn.Module):
     ``head_mask`` ``(H,)`` or ``(M, H)`` scales each head's output (``0`` removes it). Without
     ``need_weights`` the weights are ``None`` and torch's fused kernel computes the heads
     (several times faster to train on a CPU).
+
+    Each copy is the model of :class:`AttentionClassifier` (Vaswani et al., 2017) with its own
+    parameters :math:`\theta_m`; training minimises
+
+    .. math:: \mathcal{L}(\theta_1, \dots, \theta_M) = \sum_{m=1}^{M} \mathcal{L}_m(\theta_m),
+              \qquad \nabla_{\theta_m} \mathcal{L} = \nabla_{\theta_m} \mathcal{L}_m .
+
+    Example:
+        >>> import torch
+        >>> import torch.nn.functional as F
+        >>> from attn_course.multihead import AttentionClassifier, ParallelAttentionClassifiers
+        >>> models = []
+        >>> for seed in range(3):
+        ...     _ = torch.manual_seed(seed)
+        ...     models.append(AttentionClassifier(vocab_size=10, length=6, embed_dim=8, num_heads=2,
+        ...                                       num_classes=3))
+        >>> parallel = ParallelAttentionClassifiers.from_models(models)
+        >>> ids, targets = torch.randint(0, 10, (4, 6)), torch.randint(0, 3, (4, 6))
+        >>> logits, weights = parallel(ids)                  # every copy reads the same batch
+        >>> tuple(logits.shape), tuple(weights.shape)
+        ((3, 4, 6, 3), (3, 4, 2, 6, 6))
+        >>> all(torch.allclose(logits[m], models[m](ids)[0], atol=1e-5) for m in range(3))
+        True
+        >>> sum(F.cross_entropy(logits[m].flatten(0, 1), targets.flatten()) for m in range(3)).backward()
+        >>> F.cross_entropy(models[1](ids)[0].flatten(0, 1), targets.flatten()).backward()
+        >>> torch.allclose(parallel.params["readout_weight"].grad[1], models[1].readout.weight.grad, atol=1e-6)
+        True
     """
 
     _NAMES = ("tokens.weight", "positions.weight", "attention.q_proj.weight", "attention.q_proj.bias",
@@ -340,7 +475,21 @@ class ParallelAttentionClassifiers(nn.Module):
 
     @torch.no_grad()
     def model(self, m: int) -> AttentionClassifier:
-        """Copy ``m`` as an :class:`AttentionClassifier` (a new module with copy ``m``'s weights)."""
+        """Copy ``m`` as an :class:`AttentionClassifier` (a new module with copy ``m``'s weights).
+
+        Example:
+            >>> import torch
+            >>> from attn_course.multihead import ParallelAttentionClassifiers
+            >>> _ = torch.manual_seed(0)
+            >>> parallel = ParallelAttentionClassifiers(2, vocab_size=10, length=6, embed_dim=8, num_heads=2,
+            ...                                         num_classes=3)
+            >>> for weight in parallel.parameters():         # built here, not from models: fill the zeros
+            ...     _ = torch.nn.init.normal_(weight)
+            >>> ids = torch.randint(0, 10, (4, 6))
+            >>> copy = parallel.model(1)
+            >>> type(copy).__name__, torch.allclose(copy(ids)[0], parallel(ids)[0][1], atol=1e-5)
+            ('AttentionClassifier', True)
+        """
         if isinstance(m, bool) or not isinstance(m, int) or not 0 <= m < self.num_models:
             raise ValueError(f"m must be an int in [0, {self.num_models}), got {m!r}")
         p = self.params
@@ -397,6 +546,16 @@ def attention_flops(length_q: int, length_k: int, embed_dim: int, num_heads: int
     Projections: ``2 L E^2`` each for Q and the output, ``2 L_k E^2`` each for K and V.
     Scores ``Q K^T`` and the weighted sum ``A V``: ``2 L_q L_k (E / H)`` per head each,
     so ``2 L_q L_k E`` in all: the number of heads cancels.
+
+    Example:
+        >>> from attn_course.multihead import attention_flops
+        >>> flops = attention_flops(length_q=1024, length_k=1024, embed_dim=512, num_heads=8)
+        >>> flops
+        {'projections': 2147483648, 'scores': 1073741824, 'weighted sum': 1073741824}
+        >>> flops["scores"] + flops["weighted sum"] == flops["projections"]   # at L = 2E, the two are equal
+        True
+        >>> attention_flops(1024, 1024, 512, num_heads=1) == attention_flops(1024, 1024, 512, num_heads=64)
+        True
     """
     for name, v in (("length_q", length_q), ("length_k", length_k), ("embed_dim", embed_dim),
                     ("num_heads", num_heads)):
@@ -412,7 +571,17 @@ def attention_flops(length_q: int, length_k: int, embed_dim: int, num_heads: int
 
 
 def count_parameters(module: nn.Module) -> int:
-    """The number of trainable parameters of ``module``."""
+    """The number of trainable parameters of ``module``.
+
+    Example:
+        >>> from attn_course.multihead import MultiHeadAttention, count_parameters
+        >>> count_parameters(MultiHeadAttention(64, num_heads=8))   # 4 E^2 weights and 4 E biases
+        16640
+        >>> count_parameters(MultiHeadAttention(64, num_heads=1))   # whatever the number of heads
+        16640
+        >>> count_parameters(MultiHeadAttention(64, num_heads=8).requires_grad_(False))   # frozen: not counted
+        0
+    """
     if not isinstance(module, nn.Module):
         raise TypeError(f"module must be a torch.nn.Module, got {type(module).__name__}")
     return sum(p.numel() for p in module.parameters() if p.requires_grad)

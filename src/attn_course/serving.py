@@ -54,7 +54,20 @@ __all__ = [
 
 def kv_cache_bytes(num_layers: int, num_kv_heads: int, head_dim: int, seq_len: int,
                    batch_size: int = 1, bytes_per_value: int = 2) -> int:
-    """Memory of a decoding key/value cache: ``2 (K and V) x layers x kv heads x head_dim x L x B x bytes``."""
+    r"""Memory of a decoding key/value cache: ``2 (K and V) x layers x kv heads x head_dim x L x B x bytes``.
+
+    .. math:: M = 2\, N_\text{layers}\, G\, d\, L\, B\, b
+
+    Example:
+        A model shaped like Llama 2 7B (32 layers, 32 KV heads of 128), 4096 tokens in 16-bit
+        numbers; with 8 KV heads (grouped-query attention) a quarter of it:
+
+        >>> from attn_course.serving import kv_cache_bytes
+        >>> kv_cache_bytes(num_layers=32, num_kv_heads=32, head_dim=128, seq_len=4096) / 2**30   # GiB
+        2.0
+        >>> kv_cache_bytes(32, 8, 128, 4096) / 2**30, kv_cache_bytes(32, 8, 128, 4096, batch_size=8) / 2**30
+        (0.5, 4.0)
+    """
     args = dict(num_layers=num_layers, num_kv_heads=num_kv_heads, head_dim=head_dim,
                 seq_len=seq_len, batch_size=batch_size, bytes_per_value=bytes_per_value)
     for name, v in args.items():
@@ -76,6 +89,15 @@ def decode_intensity(num_heads: int, num_kv_heads: int, *, bytes_per_value: floa
 
     independent of ``d`` and ``T`` (queries and outputs, ``O(1)`` in ``T``, are left out).
     Batching sequences does not raise it: each sequence reads its own cache.
+
+    Example:
+        >>> from attn_course.serving import decode_intensity
+        >>> decode_intensity(num_heads=32, num_kv_heads=32)     # multi-head, 16-bit: 1 FLOP per byte read
+        1.0
+        >>> decode_intensity(32, 8), decode_intensity(32, 8, num_queries=5)   # GQA; verifying 4 drafted tokens
+        (4.0, 20.0)
+        >>> decode_intensity(32, 8, bytes_per_value=1)          # an 8-bit cache doubles it
+        8.0
     """
     H = _checks.positive_number("num_heads", num_heads, integer=True)
     G = _checks.positive_number("num_kv_heads", num_kv_heads, integer=True)
@@ -90,10 +112,35 @@ def decode_intensity(num_heads: int, num_kv_heads: int, *, bytes_per_value: floa
 
 @dataclass
 class KVCache:
-    """Keys and values of the tokens decoded so far, ``(B, G, T, d)`` each (``G`` KV heads).
+    r"""Keys and values of the tokens decoded so far, ``(B, G, T, d)`` each (``G`` KV heads).
 
-    Grown by copying: every :meth:`append` concatenates, which writes the old cache again;
-    ``copied_bytes`` counts those bytes (the price of holding no spare room).
+    Decoding token ``T`` needs the keys and values of every earlier token,
+
+    .. math:: o_T = \mathrm{softmax}\Big(\frac{q_T K_{1:T}^\top}{\sqrt d}\Big) V_{1:T},
+              \qquad K_{1:T} = [K_{1:T-1};\, k_T],
+
+    so they are kept rather than recomputed: the incremental decoding of the Transformer
+    (Vaswani et al., 2017), whose memory cost Pope et al. (2023) analyse. Grown by copying:
+    every :meth:`append` concatenates, which writes the old cache again; ``copied_bytes``
+    counts those bytes (the price of holding no spare room).
+
+    Example:
+        >>> import torch
+        >>> import torch.nn.functional as F
+        >>> from attn_course.serving import KVCache
+        >>> _ = torch.manual_seed(0)
+        >>> q, k, v = torch.randn(3, 1, 2, 5, 4).unbind(0)     # B=1, G=2 heads, T=5 tokens, d=4
+        >>> cache, steps = KVCache(), []
+        >>> for t in range(5):                                  # decode: one token per step
+        ...     keys, values = cache.append(k[:, :, t:t + 1], v[:, :, t:t + 1])
+        ...     steps.append(F.scaled_dot_product_attention(q[:, :, t:t + 1], keys, values))
+        >>> torch.allclose(torch.cat(steps, 2), F.scaled_dot_product_attention(q, k, v, is_causal=True),
+        ...                atol=1e-6)
+        True
+        >>> cache.length, cache.nbytes           # 5 tokens x 2 heads x 4 numbers x 4 bytes x (K, V)
+        (5, 320)
+        >>> cache.copied_bytes                   # 1 + 2 + 3 + 4 old tokens rewritten, 64 bytes each
+        640
     """
 
     key: torch.Tensor | None = None
@@ -121,13 +168,36 @@ class KVCache:
 
 
 class ContiguousKVCache:
-    """One sequence's keys and values in one contiguous buffer ``(G, capacity, d)``, with spare room.
+    r"""One sequence's keys and values in one contiguous buffer ``(G, capacity, d)``, with spare room.
 
     ``growth="reserve"``: the buffer is allocated once for ``capacity`` tokens (the longest
     answer allowed) and never moves; appending past it raises. ``growth="double"``: it starts
     at ``capacity`` and doubles when full, copying what it holds (``copied_bytes``), as a
     growable array does. ``nbytes`` is what the buffer reserves, ``used_bytes`` what the
-    tokens fill.
+    tokens fill: with capacity ``C``, ``T`` tokens and ``b`` bytes per number,
+
+    .. math:: \text{nbytes} = 2\, G\, C\, d\, b, \qquad \text{used\_bytes} = 2\, G\, T\, d\, b .
+
+    Reserving the longest length for every request is how serving systems held the cache
+    before paging; vLLM (Kwon et al., 2023) measures the memory it wastes
+    (:class:`PagedKVCache`).
+
+    Example:
+        >>> import torch
+        >>> from attn_course.serving import ContiguousKVCache
+        >>> cache = ContiguousKVCache(num_kv_heads=2, head_dim=4, capacity=2, growth="double")
+        >>> for t in range(5):
+        ...     cache.append(torch.randn(2, 1, 4), torch.randn(2, 1, 4))
+        >>> cache.length, cache.capacity, tuple(cache.key.shape)   # grown 2 -> 4 -> 8 slots
+        (5, 8, (2, 5, 4))
+        >>> cache.used_bytes, cache.nbytes, cache.copied_bytes    # 64 bytes a token; 2 then 4 copied
+        (320, 512, 384)
+        >>> reserved = ContiguousKVCache(2, 4, capacity=1)        # growth="reserve": never moves
+        >>> reserved.append(torch.zeros(2, 1, 4), torch.zeros(2, 1, 4))
+        >>> reserved.append(torch.zeros(2, 1, 4), torch.zeros(2, 1, 4))
+        Traceback (most recent call last):
+            ...
+        ValueError: the cache reserved capacity=1 tokens but needs 2
     """
 
     GROWTH = ("reserve", "double")
@@ -210,14 +280,42 @@ class PagedKVCache:
     ``block_size - 1`` slots per sequence are wasted (internal fragmentation), and a
     finished sequence returns its blocks to the pool at once.
 
-    :meth:`tables` gives the block tables and lengths that :func:`paged_attention` reads,
+    :meth:`tables` gives the block tables and lengths that :func:`~attn_course.serving.paged_attention` reads,
     with ``key_pool``, ``value_pool`` ``(N_blocks, G, block_size, d)``. ``ref_counts[i]`` is
     the number of sequences whose table holds block ``i`` (1 or 0 here;
-    :class:`PrefixSharingKVCache` shares blocks).
+    :class:`~attn_course.serving.PrefixSharingKVCache` shares blocks).
+
+    .. math:: \text{token } t \text{ of a sequence} \mapsto
+              (\text{table}[\lfloor t / b \rfloor],\ t \bmod b), \qquad
+              \text{slots allocated} = b \lceil T / b \rceil < T + b
+
+    for a sequence of ``T`` tokens and blocks of ``b`` slots.
 
     Args:
-        num_blocks: blocks in the pool. block_size: token slots per block.
-        num_kv_heads, head_dim: the shape ``(G, d)`` of one token's keys (and values).
+        num_blocks: blocks in the pool.
+        block_size: token slots per block.
+        num_kv_heads: ``G``, the key/value heads of a token.
+        head_dim: ``d``, the width of one head's key (and value).
+        dtype: the pool's floating-point dtype.
+        device: the pool's device.
+
+    Example:
+        >>> import torch
+        >>> from attn_course.serving import PagedKVCache
+        >>> _ = torch.manual_seed(0)
+        >>> cache = PagedKVCache(num_blocks=8, block_size=4, num_kv_heads=2, head_dim=4)
+        >>> k, v = torch.randn(2, 2, 6, 4).unbind(0)                # 6 tokens, (G, T, d) each
+        >>> cache.append("a", k, v)
+        >>> cache.append("b", k[:, :3], v[:, :3])
+        >>> cache.block_tables
+        {'a': [0, 1], 'b': [2]}
+        >>> torch.equal(cache.key_pool[1, :, 5 % 4], k[:, 5])       # token 5 of "a": block table[5 // 4], slot 5 % 4
+        True
+        >>> cache.usage()                                           # 9 tokens in 3 blocks of 4
+        {'used_slots': 9, 'allocated_slots': 12, 'fragmentation': 0.25, 'free_blocks': 5}
+        >>> cache.free("a")
+        >>> cache.free_blocks                                       # its blocks are back in the pool
+        [3, 4, 5, 6, 7, 0, 1]
     """
 
     def __init__(self, num_blocks: int, block_size: int, num_kv_heads: int, head_dim: int, *,
@@ -238,7 +336,7 @@ class PagedKVCache:
 
     @property
     def slot_bytes(self) -> int:
-        """Bytes of one token slot: its keys and values for every KV head."""
+        """Bytes of one token slot (its keys and values for every KV head)."""
         return 2 * self.key_pool[0, :, 0].nbytes
 
     def _allocate(self) -> int:
@@ -281,7 +379,7 @@ class PagedKVCache:
     def gather(self, seq_id) -> tuple[torch.Tensor, torch.Tensor]:
         """Sequence ``seq_id``'s keys and values, ``(G, T, d)`` each, copied out through its block table.
 
-        For checking only: :func:`paged_attention` reads the blocks in place.
+        For checking only: :func:`~attn_course.serving.paged_attention` reads the blocks in place.
         """
         self._known(seq_id)
         table = torch.tensor(self.block_tables[seq_id], dtype=torch.long, device=self.key_pool.device)
@@ -295,7 +393,18 @@ class PagedKVCache:
 
     def tables(self, seq_ids) -> tuple[torch.Tensor, torch.Tensor]:
         """``(block_table (B, max_blocks) int64, lengths (B,) int64)`` of ``seq_ids``, for
-        :func:`paged_attention`; rows shorter than the longest are padded with ``-1``."""
+        :func:`~attn_course.serving.paged_attention`; rows shorter than the longest are padded with ``-1``.
+
+        Example:
+            >>> import torch
+            >>> from attn_course.serving import PagedKVCache
+            >>> cache = PagedKVCache(num_blocks=8, block_size=4, num_kv_heads=1, head_dim=2)
+            >>> cache.append(0, torch.zeros(1, 10, 2), torch.zeros(1, 10, 2))
+            >>> cache.append(1, torch.zeros(1, 3, 2), torch.zeros(1, 3, 2))
+            >>> cache.tables([0, 1])
+            (tensor([[ 0,  1,  2],
+                    [ 3, -1, -1]]), tensor([10,  3]))
+        """
         seq_ids = list(seq_ids)
         for s in seq_ids:
             self._known(s)
@@ -337,9 +446,31 @@ class PrefixSharingKVCache(PagedKVCache):
     sequence also holds (``ref_counts > 1``: in practice the partly filled last block of a
     shared prompt), the block is copied into a free one, the copy replaces it in the writer's
     table, and the old block's count goes down by one: copy-on-write, as vLLM does for
-    parallel sampling and shared prefixes (Kwon et al., 2023). :meth:`free` decrements the
+    parallel sampling and shared prefixes (Kwon et al., 2023). :meth:`~PagedKVCache.free` decrements the
     counts; a block returns to the pool when its count reaches 0. ``copied_blocks`` counts
-    the copies made.
+    the copies made. With ``\text{ref}(i)`` the number of sequences whose table holds block ``i``:
+
+    .. math:: \text{ref}(i) = |\{s : i \in \text{table}_s\}|, \qquad
+              i \text{ is free} \iff \text{ref}(i) = 0, \qquad
+              \text{a write into } i \text{ copies it first} \iff \text{ref}(i) > 1 .
+
+    Example:
+        >>> import torch
+        >>> from attn_course.serving import PrefixSharingKVCache
+        >>> _ = torch.manual_seed(0)
+        >>> cache = PrefixSharingKVCache(num_blocks=8, block_size=4, num_kv_heads=1, head_dim=2)
+        >>> prompt = torch.randn(1, 6, 2)                      # 6 tokens: a full block and half of one
+        >>> cache.append("prompt", prompt, prompt)
+        >>> cache.fork("prompt", "answer 1")
+        >>> cache.fork("prompt", "answer 2")
+        >>> cache.block_tables["answer 1"], cache.ref_counts[:2]   # three sequences, one copy of the prompt
+        ([0, 1], [3, 3])
+        >>> token = torch.randn(1, 1, 2)
+        >>> cache.append("answer 1", token, token)              # block 1 is shared and partly filled: copied
+        >>> cache.block_tables["answer 1"], cache.ref_counts[:3], cache.copied_blocks
+        ([0, 2], [3, 2, 1], 1)
+        >>> torch.equal(cache.gather("answer 1")[0][:, :6], prompt), torch.equal(cache.gather("prompt")[0], prompt)
+        (True, True)
     """
 
     def __init__(self, num_blocks: int, block_size: int, num_kv_heads: int, head_dim: int, *,
@@ -396,15 +527,30 @@ def _copy_on_write(table: list, index: int, ref_counts, take_free) -> tuple[int,
 # --- sinks and windows -----------------------------------------------------------------------------
 
 class SinkKVCache(KVCache):
-    """A decoding cache of fixed size: the first ``num_sinks`` tokens and the last ``window`` ones.
+    r"""A decoding cache of fixed size: the first ``num_sinks`` tokens and the last ``window`` ones.
 
     StreamingLLM (Xiao et al., 2023): a pure sliding window evicts the first tokens, on
     which trained language models put much of their attention ("attention sinks"), and
     the output drifts; keeping those few tokens keeps it close to full attention while
     memory stays flat at ``num_sinks + window`` tokens. A :class:`KVCache` (keys and values
     ``(B, G, T, d)``, ``length``, ``nbytes``) that evicts from the middle; ``seen`` counts
-    every token appended. At step ``i`` the newest query reads what :func:`streaming_mask`
-    allows in row ``i``.
+    every token appended. At step ``i`` the newest query reads what :func:`~attn_course.serving.streaming_mask`
+    allows in row ``i``: with ``S = num_sinks`` and ``W = window``, the keys
+
+    .. math:: \{\, j : j < S \,\} \cup \{\, j : i - W < j \le i \,\}, \qquad
+              \text{at most } S + W \text{ tokens.}
+
+    Example:
+        >>> import torch
+        >>> from attn_course.serving import SinkKVCache, streaming_mask
+        >>> cache = SinkKVCache(num_sinks=2, window=3)
+        >>> for t in range(8):
+        ...     position = torch.full((1, 1, 1, 1), float(t))    # a key that holds its own position
+        ...     keys, _ = cache.append(position, position)
+        >>> keys.flatten().tolist(), cache.length, cache.seen
+        ([0.0, 1.0, 5.0, 6.0, 7.0], 5, 8)
+        >>> streaming_mask(8, num_sinks=2, window=3)[7].nonzero().flatten().tolist()   # what query 7 may read
+        [0, 1, 5, 6, 7]
     """
 
     def __init__(self, num_sinks: int = 4, window: int = 64):
@@ -433,6 +579,16 @@ def streaming_mask(length: int, num_sinks: int, window: int, *, device=None) -> 
     decoded (``num_sinks=0``: a plain sliding window of the last ``window`` tokens), so one
     masked pass over a sequence equals decoding it token by token with that cache, every key
     kept at its true position.
+
+    Example:
+        >>> from attn_course.serving import streaming_mask
+        >>> streaming_mask(6, num_sinks=1, window=2).int()       # token 0 is the sink
+        tensor([[1, 0, 0, 0, 0, 0],
+                [1, 1, 0, 0, 0, 0],
+                [1, 1, 1, 0, 0, 0],
+                [1, 0, 1, 1, 0, 0],
+                [1, 0, 0, 1, 1, 0],
+                [1, 0, 0, 0, 1, 1]], dtype=torch.int32)
     """
     length = _checks.positive_number("length", length, integer=True)
     window = _checks.positive_number("window", window, integer=True)
@@ -459,6 +615,20 @@ def quantize_kv(x: torch.Tensor, *, axis: str = "token", bits: int = 8) -> tuple
     channels of trained models' keys hold much larger values than the rest, and values per
     token. A group of zeros gets the scale 0 and ``q = 0``. Returns ``(q int8, scale)``,
     ``scale`` in ``x``'s dtype; :func:`dequantize_kv` inverts it up to ``s / 2`` per entry.
+
+    Example:
+        >>> import torch
+        >>> from attn_course.serving import quantize_kv
+        >>> x = torch.tensor([[0.3, -1.0, 0.1], [2.0, 0.0, -4.0]])   # 2 tokens, 3 channels
+        >>> q, scale = quantize_kv(x)                                 # per token: s = max |x| / 127
+        >>> q
+        tensor([[  38, -127,   13],
+                [  64,    0, -127]], dtype=torch.int8)
+        >>> (scale * 127).flatten().tolist()
+        [1.0, 4.0]
+        >>> q, scale = quantize_kv(x, axis="channel", bits=4)         # per channel: s = max |x| / 7
+        >>> q.tolist(), (scale * 7).flatten().tolist()
+        ([[1, -7, 0], [7, 0, -7]], [2.0, 1.0, 4.0])
     """
     _checks.float_tensor("x", x, min_ndim=2)
     if axis not in QUANT_AXES:
@@ -474,7 +644,20 @@ def quantize_kv(x: torch.Tensor, *, axis: str = "token", bits: int = 8) -> tuple
 
 
 def dequantize_kv(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """``q * scale``: the inverse of :func:`quantize_kv`, in the dtype of ``scale``."""
+    """``q * scale``: the inverse of :func:`quantize_kv`, in the dtype of ``scale``.
+
+    Example:
+        >>> import torch
+        >>> from attn_course.serving import dequantize_kv, quantize_kv
+        >>> _ = torch.manual_seed(0)
+        >>> x = torch.randn(2, 16, 64)                                # (G, T, d)
+        >>> q, scale = quantize_kv(x)
+        >>> error = (dequantize_kv(q, scale) - x).abs()
+        >>> bool((error <= scale / 2 + 1e-7).all())                  # at most half a step per entry
+        True
+        >>> dequantize_kv(q, scale.half()).dtype
+        torch.float16
+    """
     if not isinstance(q, torch.Tensor) or q.dtype != torch.int8:
         raise TypeError(f"q must be an int8 tensor, got {getattr(q, 'dtype', type(q).__name__)}")
     _checks.float_tensor("scale", scale)
@@ -482,13 +665,33 @@ def dequantize_kv(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
 
 
 class QuantizedKVCache:
-    """A contiguous decoding cache that stores keys and values as ``bits``-bit integers with
+    r"""A contiguous decoding cache that stores keys and values as ``bits``-bit integers with
     one scale per token (:func:`quantize_kv` with ``axis="token"``), so each token is quantised
-    once, when it arrives.
+    once, when it arrives:
+
+    .. math:: s_t = \frac{\max_c |x_{t,c}|}{2^{b-1} - 1}, \qquad
+              q_{t,c} = \mathrm{round}(x_{t,c} / s_t), \qquad \hat x_{t,c} = s_t\, q_{t,c} .
+
+    Per-token scales are what KIVI (Liu et al., 2024) uses for values; it quantises keys per
+    channel, which needs a group of tokens before a scale is known (see :func:`quantize_kv`).
 
     ``append(key, value)`` takes ``(B, G, T_new, d)`` and returns the whole cache dequantised,
     ``(B, G, T, d)`` each, as the next attention reads it. ``nbytes`` counts the integers and
     the scales.
+
+    Example:
+        >>> import torch
+        >>> from attn_course.serving import QuantizedKVCache
+        >>> _ = torch.manual_seed(0)
+        >>> cache = QuantizedKVCache(bits=8)
+        >>> k = torch.randn(1, 2, 16, 64)                  # B=1, G=2, T=16, d=64
+        >>> keys, values = cache.append(k, k)
+        >>> tuple(keys.shape), cache.length
+        ((1, 2, 16, 64), 16)
+        >>> cache.nbytes, 2 * k.nbytes                     # int8 and a float32 scale per token, against float32
+        (4352, 16384)
+        >>> bool(((keys - k).abs() <= k.abs().amax(-1, keepdim=True) / 254 + 1e-7).all())   # half a step
+        True
     """
 
     def __init__(self, bits: int = 8):
@@ -503,7 +706,7 @@ class QuantizedKVCache:
 
     @property
     def nbytes(self) -> int:
-        """Bytes held: the integers (one byte each; a real kernel packs ``bits < 8`` tighter) and scales."""
+        """Bytes held by the integers (one byte each; a real kernel packs ``bits < 8`` tighter) and the scales."""
         return sum(q.nbytes + s.nbytes for parts in self.parts.values() for q, s in parts)
 
     def append(self, key: torch.Tensor, value: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -549,11 +752,29 @@ def split_kv_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tens
     a zero output, i.e. softmax over the scores and one extra logit whose value is zero.
 
     Args:
-        query: ``(..., L_q, d_k)``; key: ``(..., L_k, d_k)``; value: ``(..., L_k, d_v)``.
+        query: ``(..., L_q, d_k)``.
+        key: ``(..., L_k, d_k)``.
+        value: ``(..., L_k, d_v)``.
         num_splits: an int in ``1 .. L_k``.
+        scale: the score scale, ``1 / sqrt(d_k)`` by default.
+        sinks: ``(H,)`` learned sink logits, or None.
 
     Returns:
         ``(..., L_q, d_v)``.
+
+    Example:
+        >>> import torch
+        >>> import torch.nn.functional as F
+        >>> from attn_course.serving import split_kv_attention
+        >>> _ = torch.manual_seed(0)
+        >>> q, k, v = torch.randn(1, 4, 1, 16), torch.randn(1, 4, 100, 16), torch.randn(1, 4, 100, 16)
+        >>> out = split_kv_attention(q, k, v, num_splits=7)      # one decoding query, 7 chunks of 14 or 15 keys
+        >>> torch.allclose(out, F.scaled_dot_product_attention(q, k, v), atol=1e-6)
+        True
+        >>> scores = q @ k.transpose(-2, -1) / 4                 # a sink: one more logit (here 0), value zero
+        >>> with_sink = torch.softmax(torch.cat([scores, torch.zeros(1, 4, 1, 1)], -1), -1)[..., :-1] @ v
+        >>> torch.allclose(split_kv_attention(q, k, v, 7, sinks=torch.zeros(4)), with_sink, atol=1e-6)
+        True
     """
     _checks.float_tensor("key", key, min_ndim=2)
     L_k = key.shape[-2]
@@ -614,9 +835,31 @@ def paged_attention(query: torch.Tensor, key_blocks: torch.Tensor, value_blocks:
         block_table: integer ``(B, max_blocks)``; entries past a sequence's last block are
             ignored (pad them with ``-1``), the others must be in ``0 .. N_blocks - 1``.
         lengths: integer ``(B,)``, each in ``L_q .. max_blocks * block_size``.
+        scale: the score scale, ``1 / sqrt(d)`` by default.
+        sinks: ``(H,)`` learned sink logits, or None.
 
     Returns:
         ``(B, H, L_q, d_v)``, equal to dense causal attention over each sequence's keys.
+
+    Example:
+        >>> import torch
+        >>> import torch.nn.functional as F
+        >>> from attn_course.serving import PagedKVCache, paged_attention
+        >>> _ = torch.manual_seed(0)
+        >>> cache = PagedKVCache(num_blocks=16, block_size=4, num_kv_heads=2, head_dim=8)
+        >>> for seq, length in enumerate([10, 3]):
+        ...     cache.append(seq, torch.randn(2, length, 8), torch.randn(2, length, 8))
+        >>> table, lengths = cache.tables([0, 1])
+        >>> q = torch.randn(2, 4, 1, 8)                 # a decode step, H=4 query heads on G=2 KV heads
+        >>> out = paged_attention(q, cache.key_pool, cache.value_pool, table, lengths)
+        >>> tuple(out.shape)
+        (2, 4, 1, 8)
+        >>> dense = []
+        >>> for seq in range(2):
+        ...     k, v = (x.repeat_interleave(2, dim=0) for x in cache.gather(seq))   # (H, T, d)
+        ...     dense.append(F.scaled_dot_product_attention(q[seq], k, v))
+        >>> torch.allclose(out, torch.stack(dense), atol=1e-6)
+        True
     """
     _checks.float_tensor("query", query, ndim=4)
     _checks.float_tensor("key_blocks", key_blocks, ndim=4)
