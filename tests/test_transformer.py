@@ -1,8 +1,14 @@
-"""The capstone model and the interpretability helpers."""
+"""The transformer of chapter 6 (built line by line there, proven equal here) and the
+interpretability helpers the capstone uses."""
+
+import math
 
 import pytest
 import torch
 import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch import nn
 
 from attn_course.interpret import (
     attention_rollout,
@@ -11,6 +17,7 @@ from attn_course.interpret import (
     uniform_weights,
 )
 from attn_course.multihead import KVCache, merge_heads, split_heads
+from attn_course.positional import apply_rope
 from attn_course.transformer import (
     ATTENTION_KINDS,
     Block,
@@ -314,3 +321,125 @@ def test_attention_masks_bad_input():
         stack(torch.zeros(2, 1, 5, dtype=torch.long), torch.ones(2, 1, 5, 5, dtype=torch.bool))
     with pytest.raises(TypeError, match="TinyTransformer"):
         stack.write_back([model, torch.nn.Linear(2, 2)])
+
+
+# --- chapter 6: the model written line by line (nanoGPT's style) equals the package's -------------
+# The same code as the chapter's notebook: torch's layers, chapter 5's apply_rope, and the attention
+# written out (scores, causal mask, softmax), so that it is an independent reference.
+
+class _Attention(nn.Module):
+    def __init__(self, d, n_heads):
+        super().__init__()
+        self.n_heads = n_heads
+        self.qkv = nn.Linear(d, 3 * d)
+        self.proj = nn.Linear(d, d)
+
+    def forward(self, x, cache=None):                       # x (B, L, d): the new tokens
+        B, L, d = x.shape
+        past = cache["k"].shape[2] if cache else 0
+        q, k, v = self.qkv(x).split(d, dim=-1)
+        q, k, v = (t.view(B, L, self.n_heads, -1).transpose(1, 2) for t in (q, k, v))   # (B, H, L, d_h)
+        pos = torch.arange(past, past + L)
+        q, k = apply_rope(q, pos), apply_rope(k, pos)
+        if cache is not None:
+            if cache:
+                k, v = torch.cat([cache["k"], k], dim=2), torch.cat([cache["v"], v], dim=2)
+            cache["k"], cache["v"] = k, v
+        scores = q @ k.transpose(-2, -1) / math.sqrt(q.shape[-1])                        # (B, H, L, T)
+        future = torch.ones(L, k.shape[2], dtype=torch.bool).triu(past + 1)
+        weights = scores.masked_fill(future, float("-inf")).softmax(dim=-1)
+        return self.proj((weights @ v).transpose(1, 2).reshape(B, L, d))
+
+
+class _Block(nn.Module):
+    def __init__(self, d, n_heads):
+        super().__init__()
+        self.norm1, self.attn = nn.LayerNorm(d), _Attention(d, n_heads)
+        self.norm2 = nn.LayerNorm(d)
+        self.mlp = nn.Sequential(nn.Linear(d, 4 * d), nn.GELU(), nn.Linear(4 * d, d))
+
+    def forward(self, x, cache=None):
+        x = x + self.attn(self.norm1(x), cache)
+        return x + self.mlp(self.norm2(x))
+
+
+class _GPT(nn.Module):
+    def __init__(self, vocab, d, n_heads, n_layers):
+        super().__init__()
+        self.embed = nn.Embedding(vocab, d)
+        self.blocks = nn.ModuleList(_Block(d, n_heads) for _ in range(n_layers))
+        self.norm, self.head = nn.LayerNorm(d), nn.Linear(d, vocab)
+
+    def forward(self, ids, caches=None):
+        x = self.embed(ids)
+        for i, block in enumerate(self.blocks):
+            x = block(x, None if caches is None else caches[i])
+        return self.head(self.norm(x))
+
+
+def _pair(vocab=13, d=16, heads=2, layers=3, seed=0):
+    torch.manual_seed(seed)
+    package = TinyTransformer(vocab, d, heads, layers).double()
+    with torch.no_grad():                                    # LayerNorms away from their initial 1 and 0
+        for name, p in package.named_parameters():
+            if "norm" in name:
+                p.add_(0.3 * torch.randn_like(p))
+    mine = _GPT(vocab, d, heads, layers).double()
+    mine.load_state_dict(package.state_dict())               # strict: every name and shape matches
+    return mine, package
+
+
+def test_the_line_by_line_model_has_the_packages_parameters_by_name():
+    mine, package = _pair()
+    assert {n: p.shape for n, p in mine.named_parameters()} == {n: p.shape for n, p in package.named_parameters()}
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_the_line_by_line_model_gives_the_same_outputs_and_gradients(seed):
+    mine, package = _pair(seed=seed)
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, 13, (3, 11), generator=g)
+    targets = torch.randint(0, 13, (3, 11), generator=g)
+    ours, theirs = mine(ids), package(ids)[0]
+    torch.testing.assert_close(ours, theirs, atol=1e-12, rtol=1e-10)
+    F.cross_entropy(ours.flatten(0, 1), targets.flatten()).backward()
+    F.cross_entropy(theirs.flatten(0, 1), targets.flatten()).backward()
+    grads = dict(package.named_parameters())
+    for name, p in mine.named_parameters():
+        torch.testing.assert_close(p.grad, grads[name].grad, atol=1e-12, rtol=1e-10, msg=name)
+
+
+def test_the_line_by_line_cache_equals_the_full_pass_and_the_packages_cache():
+    mine, package = _pair(seed=4)
+    ids = torch.randint(0, 13, (2, 9), generator=torch.Generator().manual_seed(4))
+    full = mine(ids)
+    mine_caches, package_caches = [{} for _ in mine.blocks], [KVCache() for _ in package.blocks]
+    steps = [mine(ids[:, :4], mine_caches)] + [mine(ids[:, t:t + 1], mine_caches) for t in range(4, 9)]
+    torch.testing.assert_close(torch.cat(steps, 1), full, atol=1e-12, rtol=1e-10)
+    package(ids[:, :4], caches=package_caches)
+    for t in range(4, 9):
+        package(ids[:, t:t + 1], caches=package_caches)
+    for ours, theirs in zip(mine_caches, package_caches):     # the same (rotated) keys and the values
+        torch.testing.assert_close(ours["k"], theirs.key, atol=1e-12, rtol=1e-10)
+        torch.testing.assert_close(ours["v"], theirs.value, atol=1e-12, rtol=1e-10)
+
+
+@settings(max_examples=20, deadline=None)
+@given(length=st.integers(1, 12), cut=st.integers(1, 12), seed=st.integers(0, 2**16))
+def test_a_prefix_gets_the_same_logits_alone_or_followed_by_more_tokens(length, cut, seed):
+    """Causality as an invariant: the logits of the first ``cut`` tokens do not depend on what follows."""
+    cut = min(cut, length)
+    torch.manual_seed(seed)
+    model = TinyTransformer(9, 8, 2, 2).double().eval()
+    ids = torch.randint(0, 9, (2, length))
+    torch.testing.assert_close(model(ids)[0][:, :cut], model(ids[:, :cut])[0], atol=1e-10, rtol=1e-8)
+
+
+def test_greedy_generation_equals_the_argmax_of_the_full_pass_at_every_step():
+    torch.manual_seed(5)
+    model = TinyTransformer(10, 16, 2, 2).double().eval()
+    prompt = torch.randint(0, 10, (3, 4))
+    out = model.generate(prompt, 6)
+    assert torch.equal(out[:, :4], prompt)
+    for t in range(4, 10):   # token t is the argmax of the logits at t - 1, given the tokens before it
+        assert torch.equal(out[:, t], model(out[:, :t])[0][:, -1].argmax(-1))

@@ -1,11 +1,15 @@
-"""Chapter 9 (capstone), a small transformer built from the course's own parts.
+"""Chapter 6 (the transformer): a small decoder-only transformer built from the course's own parts.
 
 Token embeddings; rotary positions (chapter 5, :func:`attn_course.positional.apply_rope`);
 pre-norm blocks of causal multi-head self-attention (chapter 4's head split and merge)
-and an MLP, with residual connections and layer normalisation; a language-model head.
-The attention can be global, a sliding window or a dilated window (chapter 6's
-kernels), and decoding uses a key/value cache (chapter 4's :class:`~attn_course.multihead.KVCache`).
-For the chapter's ablations the rotary positions can be left out (``rope=False``, "NoPE"),
+and an MLP, with residual connections and layer normalisation; a language-model head
+(Vaswani et al., 2017, as a decoder only, in the pre-norm arrangement of GPT-2 and of
+Xiong et al., 2020). Chapter 6 writes the same model line by line and proves it equal to
+this one; chapters 9, 11 and 12 train it.
+
+The attention can be global, a sliding window or a dilated window (chapter 7's
+kernels), and decoding uses a key/value cache (chapter 4's ``KVCache``, one per layer).
+For the capstone's ablations the rotary positions can be left out (``rope=False``, "NoPE"),
 the attention replaced by a uniform average over the earlier tokens (``kind="uniform"``),
 and :class:`SeedStack` trains several copies of one configuration (seeds, or attention patterns
 given per copy and layer) as one model.
@@ -35,6 +39,15 @@ def pattern_mask(kind: str, length: int, window: int, dilation: int = 2, device=
     """The ``(L, L)`` causal mask of an attention ``kind`` (``True`` = may attend).
 
     ``"uniform"`` reads the same keys as ``"global"`` (every earlier token), with equal weights.
+
+    Example:
+        >>> from attn_course.transformer import pattern_mask
+        >>> pattern_mask("window", 5, window=1).int()      # each query: itself and 1 key back
+        tensor([[1, 0, 0, 0, 0],
+                [1, 1, 0, 0, 0],
+                [0, 1, 1, 0, 0],
+                [0, 0, 1, 1, 0],
+                [0, 0, 0, 1, 1]], dtype=torch.int32)
     """
     if kind in ("global", "uniform"):
         return torch.ones(length, length, dtype=torch.bool, device=device).tril()
@@ -47,18 +60,36 @@ def pattern_mask(kind: str, length: int, window: int, dilation: int = 2, device=
 
 
 class CausalSelfAttention(nn.Module):
-    """Causal multi-head self-attention with rotary positions and a choice of pattern.
+    r"""Causal multi-head self-attention with rotary positions and a choice of pattern.
+
+    Scaled dot-product attention in ``H`` heads (Vaswani et al., 2017) with rotary
+    positions (RoPE, Su et al., 2021). For ``x (B, L, E)`` and heads of width
+    :math:`d = E / H`, the fused projection ``qkv`` gives every head its slice of
+    :math:`Q, K, V`, and
+
+    .. math::
+        \mathrm{head}_h = \mathrm{softmax}\Big(\frac{R(Q_h)\, R(K_h)^\top}{\sqrt d} + M\Big) V_h,
+        \qquad \mathrm{out} = [\mathrm{head}_1, \dots, \mathrm{head}_H]\, W_O^\top + b_O
+
+    where :math:`R` rotates each interleaved pair of a query or key by its position
+    (:func:`~attn_course.positional.apply_rope`) and :math:`M_{ij}` is 0 where query ``i`` may
+    read key ``j`` (``j <= i`` for ``"global"``) and :math:`-\infty` elsewhere. Shapes:
+    ``q, k, v (B, H, L, d)``, scores and weights ``(B, H, L, T)`` with ``T`` the keys (the
+    cached ones included), output ``(B, L, E)``.
 
     ``kind="global"`` uses torch's fused kernel; ``"window"`` (keys ``i - window .. i``)
     and ``"dilated"`` (that window plus every ``dilation``-th key back to
-    ``window * dilation``) use chapter 6's blocked kernels; ``"uniform"`` gives every
+    ``window * dilation``) use chapter 7's blocked kernels; ``"uniform"`` gives every
     earlier token the weight :math:`1 / (i + 1)` whatever the queries and keys (the
     uniform baseline of Wiegreffe & Pinter, 2019). ``rope=False`` leaves out the rotary
     positions (no positional encoding at all, "NoPE").
 
     ``forward(x (B, L, E), *, cache=None, need_weights=False, key_mask=None, edit_weights=None,
     attn_mask=None) -> (output (B, L, E), weights (B, H, L, T) or None)``; with a
-    :class:`~attn_course.multihead.KVCache`, ``x`` holds only the new tokens. ``attn_mask (L, L)``
+    ``KVCache`` holding ``T - L`` earlier tokens, ``x`` holds only the ``L`` new ones: they are
+    rotated as positions ``T - L .. T - 1``, their keys and values (rotated keys) are appended
+    to the cache, and query ``i`` reads keys ``j <= T - L + i`` (the causal mask aligned to the
+    last key). ``attn_mask (L, L)``
     bool (``True`` = may attend, e.g. :func:`pattern_mask`) replaces the pattern of ``kind``
     for one call, without a cache: that is how :class:`SeedStack` gives each copy its own
     pattern. Two hooks for
@@ -67,6 +98,17 @@ class CausalSelfAttention(nn.Module):
     replaces the attention weights before they mix the values (e.g. a permutation of them,
     Jain & Wallace, 2019); ``mask`` broadcasts to the weights and is ``True`` where a key may
     be read. Both use the explicit (unfused) path.
+
+    Example:
+        >>> import torch
+        >>> from attn_course.transformer import CausalSelfAttention
+        >>> _ = torch.manual_seed(0)
+        >>> layer = CausalSelfAttention(16, num_heads=2)
+        >>> out, weights = layer(torch.randn(3, 5, 16), need_weights=True)
+        >>> tuple(out.shape), tuple(weights.shape)
+        ((3, 5, 16), (3, 2, 5, 5))
+        >>> bool((weights.triu(1) == 0).all())              # causal: no weight on a later token
+        True
     """
 
     def __init__(self, embed_dim: int, num_heads: int, *, kind: str = "global", window: int = 4,
@@ -134,9 +176,34 @@ class CausalSelfAttention(nn.Module):
 
 
 class Block(nn.Module):
-    """A pre-norm transformer block: ``x + attn(norm(x))``, then ``x + mlp(norm(x))``.
+    r"""A pre-norm transformer block: ``x + attn(norm1(x))``, then ``x + mlp(norm2(x))``.
+
+    .. math::
+        h = x + \mathrm{Attn}(\mathrm{LN}_1(x)), \qquad
+        y = h + \mathrm{MLP}(\mathrm{LN}_2(h)), \qquad
+        \mathrm{MLP}(u) = \mathrm{GELU}(u W_1^\top + b_1)\, W_2^\top + b_2
+
+    with :math:`W_1` of shape ``(mlp_ratio * E, E)``, the exact (erf) GELU and LayerNorms over
+    the ``E`` features (eps ``1e-5``). ``x (B, L, E) -> (B, L, E)``. The original transformer
+    (Vaswani et al., 2017) normalised after the residual sum, :math:`y = \mathrm{LN}(x +
+    \mathrm{Attn}(x))` ("post-norm"); GPT-2 (Radford et al., 2019) moved the norm to each
+    sub-layer's input, and Xiong et al. (2020) show that this pre-norm arrangement keeps the
+    gradients well scaled at initialisation and trains without a learning-rate warm-up.
+    ``forward(x, **attention_options) -> (y, weights or None)``, the options passed to
+    :class:`CausalSelfAttention`.
 
     ``residual=False`` or ``norm=False`` remove those parts, for ablations.
+
+    Example:
+        >>> import torch
+        >>> from attn_course.transformer import Block
+        >>> _ = torch.manual_seed(0)
+        >>> block = Block(16, num_heads=2)
+        >>> x = torch.randn(2, 7, 16)
+        >>> y, _ = block(x)
+        >>> h = x + block.attn(block.norm1(x))[0]           # the two residual steps, written out
+        >>> torch.allclose(y, h + block.mlp(block.norm2(h)), atol=1e-6)
+        True
     """
 
     def __init__(self, embed_dim: int, num_heads: int, *, mlp_ratio: int = 4, residual: bool = True,
@@ -158,7 +225,17 @@ class Block(nn.Module):
 
 
 class TinyTransformer(nn.Module):
-    """A decoder-only transformer: embeddings, ``num_layers`` blocks, a final norm, an LM head.
+    r"""A decoder-only transformer: embeddings, ``num_layers`` blocks, a final norm, an LM head.
+
+    .. math::
+        h_0 = \mathrm{Emb}[\mathrm{ids}], \qquad h_\ell = \mathrm{Block}_\ell(h_{\ell - 1}), \qquad
+        \mathrm{logits} = \mathrm{LN}(h_n)\, W_{\mathrm{head}}^\top + b_{\mathrm{head}}
+
+    ``ids (B, L)`` int64 to ``logits (B, L, vocab)``; the logits at position ``t`` score the
+    token at ``t + 1`` (causal language modelling, as in GPT; Radford et al., 2019). No
+    positional embedding is added: positions enter through the rotary queries and keys of every
+    layer. The head has its own weights and bias (GPT-2 ties its weights to the embedding,
+    Press and Wolf, 2017; this model does not).
 
     ``forward(ids (B, L), *, need_weights=False) -> (logits (B, L, vocab), [weights per layer])``;
     ``generate(prompt, steps, use_cache=True)`` decodes greedily.
@@ -169,6 +246,19 @@ class TinyTransformer(nn.Module):
     query; ``edit_weights(layer, weights, mask) -> weights`` replaces layer ``layer``'s weights.
     ``attn_masks (num_layers, L, L)`` bool gives each layer its own causal pattern for the call
     (``True`` = may attend, e.g. :func:`pattern_mask`), in place of ``kind``'s.
+
+    Example:
+        >>> import torch
+        >>> from attn_course.transformer import TinyTransformer
+        >>> _ = torch.manual_seed(0)
+        >>> model = TinyTransformer(vocab_size=11, embed_dim=16, num_heads=2, num_layers=2).eval()
+        >>> ids = torch.randint(0, 11, (2, 6))
+        >>> logits, _ = model(ids)
+        >>> tuple(logits.shape)                             # a score for every token, at every position
+        (2, 6, 11)
+        >>> out = model.generate(ids, steps=3)              # greedy, with a key/value cache
+        >>> tuple(out.shape), torch.equal(out, model.generate(ids, steps=3, use_cache=False))
+        ((2, 9), True)
     """
 
     def __init__(self, vocab_size: int, embed_dim: int = 64, num_heads: int = 4, num_layers: int = 2, *,
@@ -234,11 +324,15 @@ def _configuration(model: TinyTransformer) -> tuple:
 
 
 class SeedStack(StackedModels):
-    """``M`` copies of one :class:`TinyTransformer` configuration, each with its own weights
+    r"""``M`` copies of one :class:`TinyTransformer` configuration, each with its own weights
     (e.g. its own seed), evaluated and trained as one model (a
     :class:`~attn_course.train.StackedModels`: weights stacked along a leading model axis,
     the forward pass ``vmap``-ped over it). Summing the ``M`` losses gives each copy exactly
-    the gradient it would get alone, and Adam acts element by element, so training the stack
+    the gradient it would get alone,
+
+    .. math:: \nabla_{\theta_m} \sum_{m'} \mathcal L_{m'}(\theta_{m'}) = \nabla_{\theta_m} \mathcal L_m(\theta_m),
+
+    and Adam (Kingma and Ba, 2015) acts element by element, so training the stack
     trains ``M`` independent models. Any configuration works (no residuals, no norm, no
     positions, uniform attention).
 
@@ -247,6 +341,19 @@ class SeedStack(StackedModels):
     causal pattern (``masks[m, l]``, ``True`` = may attend, e.g. :func:`pattern_mask` of
     ``"window"``), so that copies of one model with different attention patterns train together.
     :meth:`write_back` copies the trained weights into the models.
+
+    Example:
+        >>> import torch
+        >>> from attn_course.transformer import SeedStack, TinyTransformer
+        >>> _ = torch.manual_seed(0)
+        >>> models = [TinyTransformer(11, 16, 2, 1) for _ in range(3)]   # three seeds
+        >>> stack = SeedStack(models)
+        >>> ids = torch.randint(0, 11, (3, 4, 6))           # copy m reads ids[m]
+        >>> logits = stack(ids)
+        >>> tuple(logits.shape)
+        (3, 4, 6, 11)
+        >>> torch.allclose(logits[1], models[1](ids[1])[0], atol=1e-5)
+        True
     """
 
     def __init__(self, models: Sequence[TinyTransformer]):
