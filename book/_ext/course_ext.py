@@ -91,7 +91,7 @@ def course_map_markdown(root):
                      f"| ~{f['minutes']} min | {f['exercises']} |")
     lines += ["", "**The questions learners bring**, and where each is answered with an experiment:", "",
               "| question | answered in |", "| --- | --- |"]
-    for q in data["questions"]:
+    for q in sorted(data["questions"], key=lambda q: number[q["chapter"]]):   # in book order
         lines.append(f"| {q['question']} | {number[q['chapter']]}, {{doc}}`../chapters/{q['chapter']}`: "
                      f"*{q['section']}* |")
     return "\n".join(lines) + "\n"
