@@ -116,6 +116,7 @@ bench-reference: bench
 	cp _build/bench/sparse.json src/attn_course/results/sparse_cpu.json
 	cp _build/bench/flash.json src/attn_course/results/flash_cpu.json
 	cp _build/bench/distributed.json src/attn_course/results/distributed_cpu.json
+	if [ -f _build/bench/flash_gpu.json ]; then cp _build/bench/flash_gpu.json src/attn_course/results/flash_gpu.json; fi
 
 serve:
 	@test -f _build/html/index.html || { echo "No site yet: run 'make book' first."; exit 1; }

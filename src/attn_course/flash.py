@@ -1,4 +1,4 @@
-r"""Chapter 7: exact attention at scale, computed in tiles with the online softmax.
+r"""Chapter 8: exact attention in tiles, forward and backward, with the online softmax.
 
 Softmax attention over a set of keys can be split into parts. For each query,
 attention over the keys of part :math:`i` gives an output :math:`o_i` and the
@@ -9,12 +9,17 @@ attention over the union of disjoint parts is then
 
 which is all that FlashAttention (Dao et al., 2022), the KV cache's chunked
 prefill and ring attention (Liu et al., 2023) need: the :math:`L_q \times L_k`
-matrix of scores is never stored, only one tile of it at a time.
+matrix of scores is never stored, only one tile of it at a time. The saved
+:math:`\ell` is also what lets the backward pass recompute the weights tile by tile
+instead of storing them (FlashAttention-2, Dao 2023).
 
 Public functions (see the course's API page): :func:`attention_with_lse`,
-:func:`merge_attention`, :func:`flash_attention`; plus :func:`tile_plan`, which
-counts the tiles a causal pass computes and skips, and :func:`online_softmax`,
-the streaming softmax of one vector of scores.
+:func:`merge_attention`, :func:`flash_attention` (differentiable, top-left or
+bottom-right causal masks); plus :func:`tile_plan`, which counts the tiles a causal
+pass computes and skips, :func:`online_softmax`, the streaming softmax of one vector
+of scores, and the IO counts of Dao et al.'s Theorem 2: :func:`standard_hbm_bytes`,
+:func:`flash_hbm_bytes` (the paper's loop order) and :func:`flash2_hbm_bytes` (the loop
+order :func:`flash_attention` uses).
 """
 
 from __future__ import annotations
@@ -28,7 +33,7 @@ from . import _checks
 from .basics import _scores_setup
 
 __all__ = ["attention_with_lse", "merge_attention", "flash_attention", "tile_plan", "online_softmax",
-           "flash_hbm_bytes", "standard_hbm_bytes"]
+           "flash_hbm_bytes", "flash2_hbm_bytes", "standard_hbm_bytes", "ALIGNS"]
 
 
 def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -142,71 +147,129 @@ def online_softmax(scores: torch.Tensor, block: int) -> tuple[torch.Tensor, torc
     return probs, torch.stack(ms, -1), torch.stack(zs, -1)
 
 
+ALIGNS = ("top_left", "bottom_right")
+
+
+def _causal_offset(align, length_q: int, length_k: int) -> int:
+    """Key ``j`` is allowed for query ``i`` when ``j <= i + offset``: 0 top-left, ``L_k - L_q`` bottom-right."""
+    if not isinstance(align, str) or align not in ALIGNS:
+        raise ValueError(f"align must be 'top_left' (key j <= query i, as torch's SDPA) or 'bottom_right' "
+                         f"(j <= i + L_k - L_q, as torch's causal_lower_right); got {align!r}")
+    return 0 if align == "top_left" else length_k - length_q
+
+
 def tile_plan(length_q: int, length_k: int, block_q: int = 128, block_k: int = 128, *,
-              is_causal: bool = False) -> dict[str, int]:
+              is_causal: bool = False, align: str = "top_left") -> dict[str, int]:
     """How many ``block_q x block_k`` tiles a pass computes in full, computes with a mask, or skips.
 
-    Causal (top-left aligned, key ``j`` allowed for query ``i`` when ``j <= i``): a tile whose first
-    key comes after its last query is skipped; a tile whose last key is at or before its first
-    query needs no mask; the tiles on the diagonal are computed with a mask.
+    Causal, key ``j`` allowed for query ``i`` when ``j <= i + offset`` (``offset = 0`` top-left
+    aligned, ``L_k - L_q`` bottom-right aligned): a tile whose first key comes after its last
+    query's last allowed key is skipped; a tile whose last key is allowed for its first query
+    needs no mask; the tiles on the diagonal are computed with a mask.
     """
     for name, v in (("length_q", length_q), ("length_k", length_k), ("block_q", block_q),
                     ("block_k", block_k)):
         _checks.positive_number(name, v, integer=True)
+    offset = _causal_offset(align, length_q, length_k)
     plan = {"full": 0, "masked": 0, "skipped": 0}
     for q0 in range(0, length_q, block_q):
         q1 = min(q0 + block_q, length_q)
         for k0 in range(0, length_k, block_k):
             k1 = min(k0 + block_k, length_k)
-            plan[_tile_kind(q0, q1, k0, k1, is_causal)] += 1
+            plan[_tile_kind(q0, q1, k0, k1, is_causal, offset)] += 1
     plan["total"] = plan["full"] + plan["masked"] + plan["skipped"]
     return plan
 
 
-def _tile_kind(q0: int, q1: int, k0: int, k1: int, is_causal: bool) -> str:
-    if not is_causal or k1 - 1 <= q0:
+def _tile_kind(q0: int, q1: int, k0: int, k1: int, is_causal: bool, offset: int = 0) -> str:
+    """``"full"``, ``"masked"`` or ``"skipped"`` for queries ``q0..q1-1`` and keys ``k0..k1-1``
+    under the causal rule ``j <= i + offset``."""
+    if not is_causal or k1 - 1 <= q0 + offset:
         return "full"
-    if k0 > q1 - 1:
+    if k0 > q1 - 1 + offset:
         return "skipped"
     return "masked"
 
 
 def flash_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, *,
-                    is_causal: bool = False, block_q: int = 128, block_k: int = 128,
-                    scale: float | None = None) -> torch.Tensor:
-    r"""Exact attention in tiles with the online softmax: FlashAttention's forward pass (Dao et al., 2022).
+                    is_causal: bool = False, align: str = "top_left", block_q: int = 128,
+                    block_k: int = 128, scale: float | None = None) -> torch.Tensor:
+    r"""Exact attention in tiles with the online softmax, forward and backward (FlashAttention 1 and 2).
 
-    For each tile of ``block_q`` queries, the tiles of ``block_k`` keys are visited in
-    order, keeping per query a running maximum :math:`m`, a running sum :math:`z` and
-    an unnormalised output :math:`\tilde o`:
+    **Forward** (Dao et al., 2022; loop order of Dao, 2023). For each tile of ``block_q``
+    queries, the tiles of ``block_k`` keys are visited in order, keeping per query a running
+    maximum :math:`m`, a running sum :math:`z` and an unnormalised output :math:`\tilde o`:
 
     .. math:: S = \text{scale}\, Q_t K_u^\top,\quad m' = \max(m, \mathrm{rowmax}\,S),\quad
               P = e^{S - m'},\quad z' = e^{m - m'} z + \mathrm{rowsum}\,P,\quad
               \tilde o' = e^{m - m'}\, \tilde o + P V_u
 
-    and the output is :math:`\tilde o / z`. Only one ``block_q x block_k`` tile of scores
-    exists at a time, never the ``L_q x L_k`` matrix. With ``is_causal`` (top-left
-    aligned, as ``torch.nn.functional.scaled_dot_product_attention``), tiles above the
-    diagonal are skipped and only the diagonal tiles are masked. Half-precision inputs
-    are accumulated in float32, as the paper's kernel does.
+    and the output is :math:`O = \tilde o / z`; the log-sum-exp :math:`\ell = m + \log z` of
+    each query is kept for the backward pass.
+
+    **Backward** (FlashAttention-2, Algorithm 2). From the saved :math:`O` and :math:`\ell`
+    only, with :math:`D = \mathrm{rowsum}(dO \circ O)` computed once, each tile recomputes its
+    weights and adds its share of the gradients:
+
+    .. math:: P = e^{S - \ell},\quad dV_u \mathrel{+}= P^\top dO_t,\quad dP = dO_t V_u^\top,\quad
+              dS = P \circ (dP - D),\quad dQ_t \mathrel{+}= \text{scale}\; dS\, K_u,\quad
+              dK_u \mathrel{+}= \text{scale}\; dS^\top Q_t .
+
+    Only one ``block_q x block_k`` tile of scores exists at a time, forward or backward,
+    never the ``L_q x L_k`` matrix: memory is linear in the lengths. With ``is_causal`` the
+    tiles above the diagonal are skipped and only the diagonal tiles are masked.
+    Half-precision inputs are accumulated in float32, as the papers' kernels do.
 
     Args:
-        query: ``(..., L_q, d_k)``; key: ``(..., L_k, d_k)``; value: ``(..., L_k, d_v)``.
+        query: ``(..., L_q, d_k)``; key: ``(..., L_k, d_k)``; value: ``(..., L_k, d_v)``
+            (batch dimensions broadcast).
+        is_causal: hide the keys after each query.
+        align: where the causal diagonal sits when ``L_q != L_k``. ``"top_left"``: query ``i``
+            sees keys ``j <= i`` (torch's ``is_causal``); ``"bottom_right"``: the last query sees
+            the last key, ``j <= i + L_k - L_q`` (torch's ``causal_lower_right``: new queries
+            after cached keys, as in chunked prefill and speculative verification). A query
+            that sees no key gets a zero output (and zero gradients).
         block_q, block_k: tile sizes (any positive ints; lengths need not be multiples).
+        scale: multiplies the scores; defaults to ``1 / sqrt(d_k)``.
 
     Returns:
-        ``(..., L_q, d_v)``, equal to dense softmax attention.
+        ``(..., L_q, d_v)``, equal to dense softmax attention, differentiable in
+        ``query``, ``key`` and ``value``.
     """
-    out, _ = _flash(query, key, value, is_causal, block_q, block_k, scale)
-    return out
-
-
-def _flash(query, key, value, is_causal, block_q, block_k, scale) -> tuple[torch.Tensor, torch.Tensor]:
-    """:func:`flash_attention`, also returning the log-sum-exp ``m + log z`` (float32 for half inputs)."""
     scale, _ = _scores_setup(query, key, value, None, False, scale)
-    batch = torch.broadcast_shapes(query.shape[:-2], key.shape[:-2], value.shape[:-2])
+    offset = _causal_offset(align, query.shape[-2], key.shape[-2])
     block_q = _checks.positive_number("block_q", block_q, integer=True)
     block_k = _checks.positive_number("block_k", block_k, integer=True)
+    return _FlashAttention.apply(query, key, value, bool(is_causal), offset, block_q, block_k, scale)
+
+
+class _FlashAttention(torch.autograd.Function):
+    """Tiled forward that saves ``(O, lse)``; tiled backward that recomputes the weights from them."""
+
+    @staticmethod
+    def forward(ctx, query, key, value, is_causal, offset, block_q, block_k, scale):
+        out, lse = _flash(query, key, value, is_causal, block_q, block_k, scale, offset=offset)
+        ctx.save_for_backward(query, key, value, out, lse)
+        ctx.args = (is_causal, offset, block_q, block_k, scale)
+        return out
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_out):
+        query, key, value, out, lse = ctx.saved_tensors
+        dq, dk, dv = _flash_backward(query, key, value, out, lse, grad_out, *ctx.args)
+        return dq, dk, dv, None, None, None, None, None
+
+
+def _flash(query, key, value, is_causal, block_q, block_k, scale, *, offset: int = 0
+           ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The tiled forward pass: output and log-sum-exp ``m + log z`` (float32 for half inputs).
+
+    Inputs are assumed validated (``scale`` may still be None); causal means ``j <= i + offset``.
+    """
+    if scale is None:
+        scale = 1.0 / math.sqrt(query.shape[-1])
+    batch = torch.broadcast_shapes(query.shape[:-2], key.shape[:-2], value.shape[:-2])
     L_q, L_k, d_v = query.shape[-2], key.shape[-2], value.shape[-1]
     acc = _acc_dtype(query.dtype)
     q_all = query.expand(*batch, *query.shape[-2:])
@@ -222,14 +285,12 @@ def _flash(query, key, value, is_causal, block_q, block_k, scale) -> tuple[torch
         o = torch.zeros((*batch, q1 - q0, d_v), dtype=acc, device=query.device)
         for k0 in range(0, L_k, block_k):
             k1 = min(k0 + block_k, L_k)
-            kind = _tile_kind(q0, q1, k0, k1, is_causal)
+            kind = _tile_kind(q0, q1, k0, k1, is_causal, offset)
             if kind == "skipped":
                 break                                    # every later key tile is skipped too
             s = q @ k_all[..., k0:k1, :].to(acc).transpose(-2, -1)          # (..., bq, bk): one tile
             if kind == "masked":
-                rows = torch.arange(q0, q1, device=query.device)[:, None]
-                cols = torch.arange(k0, k1, device=query.device)[None, :]
-                s = s.masked_fill(cols > rows, float("-inf"))
+                s = s.masked_fill(_tile_mask(q0, q1, k0, k1, offset, query.device), float("-inf"))
             m_new = torch.maximum(m, s.amax(-1))
             m_safe = torch.where(torch.isfinite(m_new), m_new, 0.0)
             p = torch.exp(s - m_safe[..., None])
@@ -240,6 +301,75 @@ def _flash(query, key, value, is_causal, block_q, block_k, scale) -> tuple[torch
         out[..., q0:q1, :] = (o / torch.where(z > 0, z, 1.0)[..., None]).to(value.dtype)
         lse[..., q0:q1] = torch.where(z > 0, m + torch.log(torch.where(z > 0, z, 1.0)), float("-inf"))
     return out, lse
+
+
+def _tile_mask(q0: int, q1: int, k0: int, k1: int, offset: int, device) -> torch.Tensor:
+    """``(q1 - q0, k1 - k0)`` bool, True where a key is hidden (``j > i + offset``)."""
+    rows = torch.arange(q0, q1, device=device)[:, None]
+    cols = torch.arange(k0, k1, device=device)[None, :]
+    return cols > rows + offset
+
+
+def _backward_tile(q, k, v, dout, lse, delta, scale: float, hidden=None):
+    r"""One tile of FlashAttention-2's backward pass: this tile's shares of ``dQ``, ``dK``, ``dV``.
+
+    ``q (..., bq, d_k)``, ``k (..., bk, d_k)``, ``v (..., bk, d_v)``, ``dout (..., bq, d_v)``,
+    ``lse`` and ``delta = rowsum(dO * O)`` ``(..., bq)`` of the whole rows; ``hidden`` a bool
+    ``(bq, bk)`` mask, True where a key is hidden. A row with ``lse = -inf`` (no key at all)
+    gets weights 0.
+    """
+    s = (q @ k.transpose(-2, -1)) * scale                                  # (..., bq, bk)
+    if hidden is not None:
+        s = s.masked_fill(hidden, float("-inf"))
+    lse_safe = torch.where(torch.isfinite(lse), lse, float("inf"))          # exp(s - inf) = 0
+    p = torch.exp(s - lse_safe[..., None])                                  # the weights, recomputed
+    dv = p.transpose(-2, -1) @ dout                                         # (..., bk, d_v)
+    dp = dout @ v.transpose(-2, -1)                                         # (..., bq, bk)
+    ds = p * (dp - delta[..., None])                                        # softmax's backward
+    dq = (ds @ k) * scale                                                   # (..., bq, d_k)
+    dk = (ds.transpose(-2, -1) @ q) * scale                                 # (..., bk, d_k)
+    return dq, dk, dv
+
+
+def _flash_backward(query, key, value, out, lse, grad_out, is_causal, offset, block_q, block_k, scale):
+    """Gradients of the tiled attention from the saved output and log-sum-exp (FA2, Algorithm 2):
+    key tiles outside (their ``dK``, ``dV`` accumulate in one tile), query tiles inside (``dQ``
+    accumulates in place); memory linear in the lengths."""
+    batch = torch.broadcast_shapes(query.shape[:-2], key.shape[:-2], value.shape[:-2])
+    L_q, L_k = query.shape[-2], key.shape[-2]
+    d_k, d_v = query.shape[-1], value.shape[-1]
+    acc = _acc_dtype(query.dtype)
+    q_all = query.expand(*batch, L_q, d_k)
+    k_all = key.expand(*batch, L_k, d_k)
+    v_all = value.expand(*batch, L_k, d_v)
+    do_all = grad_out.to(acc).expand(*batch, L_q, d_v)
+    delta = (do_all * out.to(acc)).sum(-1)                                  # D = rowsum(dO * O), (..., L_q)
+    lse = lse.to(acc)
+    dq = torch.zeros(*batch, L_q, d_k, dtype=acc, device=query.device)
+    dk = torch.empty(*batch, L_k, d_k, dtype=acc, device=query.device)
+    dv = torch.empty(*batch, L_k, d_v, dtype=acc, device=query.device)
+    for k0 in range(0, L_k, block_k):
+        k1 = min(k0 + block_k, L_k)
+        k = k_all[..., k0:k1, :].to(acc)
+        v = v_all[..., k0:k1, :].to(acc)
+        dk_u = torch.zeros(*batch, k1 - k0, d_k, dtype=acc, device=query.device)
+        dv_u = torch.zeros(*batch, k1 - k0, d_v, dtype=acc, device=query.device)
+        first = max(0, k0 - offset) // block_q * block_q if is_causal else 0   # earlier query tiles see none
+        for q0 in range(first, L_q, block_q):
+            q1 = min(q0 + block_q, L_q)
+            kind = _tile_kind(q0, q1, k0, k1, is_causal, offset)
+            if kind == "skipped":
+                continue
+            hidden = _tile_mask(q0, q1, k0, k1, offset, query.device) if kind == "masked" else None
+            dq_t, dk_t, dv_t = _backward_tile(q_all[..., q0:q1, :].to(acc), k, v, do_all[..., q0:q1, :],
+                                              lse[..., q0:q1], delta[..., q0:q1], scale, hidden)
+            dq[..., q0:q1, :] += dq_t
+            dk_u += dk_t
+            dv_u += dv_t
+        dk[..., k0:k1, :] = dk_u
+        dv[..., k0:k1, :] = dv_u
+    return (dq.sum_to_size(query.shape).to(query.dtype), dk.sum_to_size(key.shape).to(key.dtype),
+            dv.sum_to_size(value.shape).to(value.dtype))
 
 
 def standard_hbm_bytes(length: int, head_dim: int, *, bytes_per_value: int = 2) -> int:
@@ -270,3 +400,33 @@ def flash_hbm_bytes(length: int, head_dim: int, sram_bytes: int, *, bytes_per_va
     block_c = max(1, m_elems // (4 * d))
     t_c = math.ceil(n / block_c)
     return (2 * n * d + t_c * (3 * n * d + 4 * n)) * bytes_per_value
+
+
+def flash2_hbm_bytes(length: int, head_dim: int, sram_bytes: int, *, bytes_per_value: int = 2) -> int:
+    r"""Bytes moved by a tiled forward pass in FlashAttention-2's loop order, for one head.
+
+    The order :func:`flash_attention` (and the course's Triton kernel) uses: query tiles
+    outside, key/value tiles inside. SRAM of :math:`M_\text{sram}` elements holds one tile each
+    of :math:`Q`, :math:`O`, :math:`K`, :math:`V`, so tiles have
+    :math:`b = \lfloor M_\text{sram} / 4d \rfloor` rows (the budget of Dao et al. 2022, Thm. 2).
+    :math:`Q` is read once and :math:`O` written once; :math:`K` and :math:`V` are read once per
+    query tile, :math:`\lceil L / b \rceil` times:
+
+    .. math:: 2 L d + 2 L d\, \lceil L / b \rceil \approx 2Ld + \frac{8 L^2 d^2}{M_\text{sram}}\ \text{elements},
+
+    the same :math:`\Theta(L^2 d^2 / M_\text{sram})` as the paper's order. Against standard
+    attention's :math:`4Ld + 4L^2`, the ratio tends to :math:`M_\text{sram} / 2d^2` for long
+    sequences: the advantage shrinks with the square of the head dimension and vanishes near
+    :math:`d = \sqrt{M_\text{sram}/2}`. (The log-sum-exp, one number per query, is left out.)
+
+    Args:
+        length: :math:`L`; head_dim: :math:`d`; sram_bytes: :math:`M_\text{sram}` in bytes;
+        bytes_per_value: 2 for float16.
+    """
+    for name, v in (("length", length), ("head_dim", head_dim), ("sram_bytes", sram_bytes),
+                    ("bytes_per_value", bytes_per_value)):
+        _checks.positive_number(name, v, integer=True)
+    n, d = length, head_dim
+    block = max(1, sram_bytes // bytes_per_value // (4 * d))
+    t_r = math.ceil(n / block)
+    return (2 * n * d + 2 * n * d * t_r) * bytes_per_value
