@@ -69,7 +69,7 @@ def test_bench_command_line_writes_its_reports(tmp_path, capsys):
     assert bench.main(["--quick", "--out", str(out), "--lengths", "512", "1024",
                        "--methods", "dense SDPA", "SDPA + band mask", "sliding_window"]) == 0
     printed = capsys.readouterr().out
-    assert "Chapter 1" in printed and "Chapter 6" in printed and "machine:" in printed
+    assert "Chapter 1" in printed and "Chapter 7: sparse attention" in printed and "machine:" in printed
     data = __import__("json").loads((out / "sparse.json").read_text())
     assert {r["method"] for r in data["results"]} == {"dense SDPA", "SDPA + band mask", "sliding_window"}
     assert "| sliding_window | 1024 |" in (out / "sparse.md").read_text()

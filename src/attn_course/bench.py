@@ -110,7 +110,7 @@ def sdpa(lengths=(128, 256, 512, 1024, 2048), batch=2, heads=4, dim=64, min_run_
     return rows
 
 
-# --- chapter 6 --------------------------------------------------------------------------------------
+# --- chapter 7 --------------------------------------------------------------------------------------
 
 def _band_pairs(L: int, w: int) -> int:
     """Number of (i, j) with |i - j| <= w inside [0, L)."""
@@ -1039,7 +1039,7 @@ def main(argv=None) -> int:
     if "sparse" not in args.suites:
         return 0
     lengths = args.lengths or (LENGTHS[:3] if args.quick else LENGTHS)
-    print(f"\nChapter 6: sparse attention, B={B}, H={H}, d={D}, window +-{WINDOW}, each in a fresh process")
+    print(f"\nChapter 7: sparse attention, B={B}, H={H}, d={D}, window +-{WINDOW}, each in a fresh process")
     results = run_sparse(lengths, args.out, methods=args.methods)
     table = sparse_table(results, peak)
     print("\n" + table)
