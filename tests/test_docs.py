@@ -25,7 +25,8 @@ MODULES = ["attn_course", "attn_course.basics", "attn_course.seq2seq", "attn_cou
 # (Google style, as napoleon reads it). Add a module here once its examples are written.
 DOCTEST_MODULES = ["attn_course", "attn_course.basics", "attn_course.seq2seq", "attn_course.variants",
                    "attn_course.multihead", "attn_course.positional", "attn_course.sparse",
-                   "attn_course.serving", "attn_course.distributed", "attn_course.transformer",
+                   "attn_course.flash", "attn_course.kernels", "attn_course.serving",
+                   "attn_course.distributed", "attn_course.transformer",
                    "attn_course.modern", "attn_course.exercises", "attn_course.report", "attn_course.widgets",
                    "attn_course.plotting", "attn_course.data", "attn_course.train", "attn_course.bench"]
 
@@ -41,6 +42,9 @@ SKIPPED_EXAMPLES = {
     "attn_course.bench.matmul_peak_gflops": "times large matrix products for several seconds",
     "attn_course.bench.run_flash": "starts a Python process per method and length",
     "attn_course.bench.run_ring": "starts world_size processes per round",
+    "attn_course.kernels.triton_flash_attention": (
+        "runs Triton's kernel, which needs a CUDA GPU or TRITON_INTERPRET=1 set before Triton's first "
+        "import, which a doctest inside pytest cannot guarantee"),
 }
 
 FLAGS = doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE

@@ -51,7 +51,9 @@ def attention_with_lse(query: torch.Tensor, key: torch.Tensor, value: torch.Tens
               o_i = \sum_{j\ \text{allowed}} e^{s_{ij} - \ell_i}\, v_j
 
     Args:
-        query: ``(..., L_q, d_k)``; key: ``(..., L_k, d_k)``; value: ``(..., L_k, d_v)``.
+        query: ``(..., L_q, d_k)``.
+        key: ``(..., L_k, d_k)``.
+        value: ``(..., L_k, d_v)``.
         mask: bool, broadcasts to ``(..., L_q, L_k)``; ``True`` = may attend.
         is_causal: hide keys ``j > i`` (top-left aligned, as torch's SDPA).
         scale: multiplies the scores; defaults to ``1 / sqrt(d_k)``.
@@ -61,6 +63,21 @@ def attention_with_lse(query: torch.Tensor, key: torch.Tensor, value: torch.Tens
         for float16/bfloat16 inputs (as FlashAttention keeps it: merging many parts with a
         half-precision lse loses accuracy). A query with no allowed key gets a zero output
         and ``lse = -inf``: merged with other parts it changes nothing.
+
+    Example:
+        >>> import torch
+        >>> import torch.nn.functional as F
+        >>> from attn_course.flash import attention_with_lse
+        >>> _ = torch.manual_seed(0)
+        >>> q, k, v = torch.randn(3, 2, 6, 4).unbind(0)          # (B, L, d) each
+        >>> out, lse = attention_with_lse(q, k, v, is_causal=True)
+        >>> tuple(out.shape), tuple(lse.shape)
+        ((2, 6, 4), (2, 6))
+        >>> torch.allclose(out, F.scaled_dot_product_attention(q, k, v, is_causal=True), atol=1e-6)
+        True
+        >>> first = (q[:, 0] * k[:, 0]).sum(-1) / 2                # query 0 sees key 0 only: lse = its score
+        >>> torch.allclose(lse[:, 0], first)
+        True
     """
     scale, mask = _scores_setup(query, key, value, mask, is_causal, scale)
     acc = _acc_dtype(query.dtype)
@@ -89,6 +106,20 @@ def merge_attention(outputs: Sequence[torch.Tensor], lses: Sequence[torch.Tensor
     Returns:
         ``(output (..., L_q, d_v), lse (..., L_q))``; a query with no key in any part gets a
         zero output and ``lse = -inf``.
+
+    Example:
+        Attention over keys 0-1 and over keys 2-4, merged, is attention over all five:
+
+        >>> import torch
+        >>> from attn_course.flash import attention_with_lse, merge_attention
+        >>> _ = torch.manual_seed(0)
+        >>> q, k, v = torch.randn(3, 1, 5, 4).unbind(0)
+        >>> o1, l1 = attention_with_lse(q, k[:, :2], v[:, :2])
+        >>> o2, l2 = attention_with_lse(q, k[:, 2:], v[:, 2:])
+        >>> out, lse = merge_attention([o1, o2], [l1, l2])
+        >>> full, full_lse = attention_with_lse(q, k, v)
+        >>> torch.allclose(out, full, atol=1e-6), torch.allclose(lse, full_lse, atol=1e-6)
+        (True, True)
     """
     if isinstance(outputs, torch.Tensor) or isinstance(lses, torch.Tensor):
         raise TypeError("outputs and lses must be sequences (lists or tuples) of tensors, one per part")
@@ -123,10 +154,29 @@ def merge_attention(outputs: Sequence[torch.Tensor], lses: Sequence[torch.Tensor
 def online_softmax(scores: torch.Tensor, block: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     r"""Softmax of ``scores (..., n)`` read in blocks of ``block``, keeping only a running max and sum.
 
-    For each block: :math:`m' = \max(m, \max_j s_j)`, :math:`z' = z\,e^{m - m'} + \sum_j e^{s_j - m'}`.
-    Returns ``(softmax (..., n), running max (..., n_blocks), running sum (..., n_blocks))``:
-    the softmax is computed at the end as :math:`e^{s - m}/z`, and the per-block
-    history shows how the two numbers evolve.
+    For each block: :math:`m' = \max(m, \max_j s_j)`, :math:`z' = z\,e^{m - m'} + \sum_j e^{s_j - m'}`
+    (Milakov and Gimelshein, 2018; the inner loop of FlashAttention, Dao et al., 2022).
+
+    Args:
+        scores: ``(..., n)`` floats; the softmax is over the last axis.
+        block: how many scores are read at a time (a positive int; ``n`` need not be a multiple).
+
+    Returns:
+        A tuple of the softmax ``(..., n)``, the running max ``(..., n_blocks)`` and the
+        running sum ``(..., n_blocks)``. The softmax is computed at the end as
+        :math:`e^{s - m}/z`; the per-block history shows how the two numbers evolve.
+
+    Example:
+        >>> import torch
+        >>> from attn_course.flash import online_softmax
+        >>> s = torch.tensor([1.0, 3.0, 0.0, 2.0, 5.0])
+        >>> probs, m, z = online_softmax(s, block=2)      # blocks [1, 3], [0, 2], [5]
+        >>> torch.allclose(probs, s.softmax(-1))
+        True
+        >>> m.tolist()                                     # the max so far, after each block
+        [3.0, 3.0, 5.0]
+        >>> [round(x, 4) for x in z.tolist()]              # e^-2 + 1, then + e^-3 + e^-1, then * e^-2 + 1
+        [1.1353, 1.553, 1.2102]
     """
     _checks.float_tensor("scores", scores, min_ndim=1)
     block = _checks.positive_number("block", block, integer=True)
@@ -166,6 +216,24 @@ def tile_plan(length_q: int, length_k: int, block_q: int = 128, block_k: int = 1
     aligned, ``L_k - L_q`` bottom-right aligned): a tile whose first key comes after its last
     query's last allowed key is skipped; a tile whose last key is allowed for its first query
     needs no mask; the tiles on the diagonal are computed with a mask.
+
+    Args:
+        length_q, length_k: the numbers of queries and keys.
+        block_q, block_k: tile sizes (lengths need not be multiples of them).
+        is_causal: apply the causal rule; without it every tile is ``"full"``.
+        align: ``"top_left"`` or ``"bottom_right"``, where the causal diagonal sits.
+
+    Returns:
+        ``{"full": ..., "masked": ..., "skipped": ..., "total": ...}``, counts of tiles.
+
+    Example:
+        A causal 4 x 4 grid of tiles: 6 below the diagonal, 4 on it, 6 above it skipped.
+
+        >>> from attn_course.flash import tile_plan
+        >>> tile_plan(512, 512, 128, 128, is_causal=True)
+        {'full': 6, 'masked': 4, 'skipped': 6, 'total': 16}
+        >>> tile_plan(256, 512, 128, 128, is_causal=True, align="bottom_right")   # after 256 cached keys
+        {'full': 5, 'masked': 2, 'skipped': 1, 'total': 8}
     """
     for name, v in (("length_q", length_q), ("length_k", length_k), ("block_q", block_q),
                     ("block_k", block_k)):
@@ -221,8 +289,9 @@ def flash_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
     Half-precision inputs are accumulated in float32, as the papers' kernels do.
 
     Args:
-        query: ``(..., L_q, d_k)``; key: ``(..., L_k, d_k)``; value: ``(..., L_k, d_v)``
-            (batch dimensions broadcast).
+        query: ``(..., L_q, d_k)`` (batch dimensions broadcast, here and in ``key``, ``value``).
+        key: ``(..., L_k, d_k)``.
+        value: ``(..., L_k, d_v)``.
         is_causal: hide the keys after each query.
         align: where the causal diagonal sits when ``L_q != L_k``. ``"top_left"``: query ``i``
             sees keys ``j <= i`` (torch's ``is_causal``); ``"bottom_right"``: the last query sees
@@ -235,6 +304,24 @@ def flash_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
     Returns:
         ``(..., L_q, d_v)``, equal to dense softmax attention, differentiable in
         ``query``, ``key`` and ``value``.
+
+    Example:
+        Tiles of 16 over 50 queries and keys (not a multiple), against torch's dense attention,
+        output and gradients:
+
+        >>> import torch
+        >>> import torch.nn.functional as F
+        >>> from attn_course.flash import flash_attention
+        >>> _ = torch.manual_seed(0)
+        >>> q, k, v = (torch.randn(2, 3, 50, 8, dtype=torch.float64, requires_grad=True) for _ in range(3))
+        >>> out = flash_attention(q, k, v, is_causal=True, block_q=16, block_k=16)
+        >>> ref = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        >>> tuple(out.shape), torch.allclose(out, ref)
+        ((2, 3, 50, 8), True)
+        >>> grads = torch.autograd.grad(out.square().sum(), (q, k, v))
+        >>> ref_grads = torch.autograd.grad(ref.square().sum(), (q, k, v))
+        >>> all(torch.allclose(g, r) for g, r in zip(grads, ref_grads))
+        True
     """
     scale, _ = _scores_setup(query, key, value, None, False, scale)
     offset = _causal_offset(align, query.shape[-2], key.shape[-2])
@@ -378,6 +465,21 @@ def standard_hbm_bytes(length: int, head_dim: int, *, bytes_per_value: int = 2) 
     Read :math:`Q, K, V` (``3 N d``), write and read back :math:`S` and :math:`P`
     (``4 N^2``: S written, read by softmax, P written, read by the product), write :math:`O`
     (``N d``): :math:`\Theta(N d + N^2)` elements.
+
+    Args:
+        length: :math:`N`, the sequence length.
+        head_dim: :math:`d`.
+        bytes_per_value: 2 for float16.
+
+    Returns:
+        The number of bytes, :math:`(4 N d + 4 N^2) \times` ``bytes_per_value``.
+
+    Example:
+        >>> from attn_course.flash import standard_hbm_bytes
+        >>> standard_hbm_bytes(1024, 64) == (4 * 1024 * 64 + 4 * 1024**2) * 2
+        True
+        >>> round(standard_hbm_bytes(2048, 64) / standard_hbm_bytes(1024, 64), 2)   # the N^2 term dominates
+        3.88
     """
     n, d = length, head_dim
     return (4 * n * d + 4 * n * n) * bytes_per_value
@@ -394,6 +496,24 @@ def flash_hbm_bytes(length: int, head_dim: int, sram_bytes: int, *, bytes_per_va
     rows and query tiles of :math:`B_r = \min(B_c, d)` rows: :math:`K, V` are read once,
     and :math:`Q, O` and the running max and sum are read and written once per key/value
     tile, :math:`T_c = \lceil N / B_c \rceil` times: :math:`\Theta(N^2 d^2 / M)` elements.
+
+    Args:
+        length: :math:`N`, the sequence length.
+        head_dim: :math:`d`.
+        sram_bytes: :math:`M`, in bytes.
+        bytes_per_value: 2 for float16.
+
+    Returns:
+        The number of bytes moved.
+
+    Example:
+        With 100 KiB of SRAM, :math:`B_c = 200` rows, so :math:`T_c = 6` passes over 1024 queries:
+
+        >>> from attn_course.flash import flash_hbm_bytes, standard_hbm_bytes
+        >>> flash_hbm_bytes(1024, 64, 100 * 1024) == (2 * 1024 * 64 + 6 * (3 * 1024 * 64 + 4 * 1024)) * 2
+        True
+        >>> round(standard_hbm_bytes(1024, 64) / flash_hbm_bytes(1024, 64, 100 * 1024), 2)
+        3.34
     """
     n, d = length, head_dim
     m_elems = sram_bytes // bytes_per_value
@@ -420,8 +540,22 @@ def flash2_hbm_bytes(length: int, head_dim: int, sram_bytes: int, *, bytes_per_v
     :math:`d = \sqrt{M_\text{sram}/2}`. (The log-sum-exp, one number per query, is left out.)
 
     Args:
-        length: :math:`L`; head_dim: :math:`d`; sram_bytes: :math:`M_\text{sram}` in bytes;
+        length: :math:`L`, the sequence length.
+        head_dim: :math:`d`.
+        sram_bytes: :math:`M_\text{sram}`, in bytes.
         bytes_per_value: 2 for float16.
+
+    Returns:
+        The number of bytes moved.
+
+    Example:
+        With 100 KiB of SRAM and :math:`d = 64`, tiles of 200 rows, so 1024 queries make 6 tiles:
+
+        >>> from attn_course.flash import flash2_hbm_bytes, standard_hbm_bytes
+        >>> flash2_hbm_bytes(1024, 64, 100 * 1024) == (2 * 1024 * 64 + 2 * 1024 * 64 * 6) * 2
+        True
+        >>> round(standard_hbm_bytes(1024, 64) / flash2_hbm_bytes(1024, 64, 100 * 1024), 2)
+        4.86
     """
     for name, v in (("length", length), ("head_dim", head_dim), ("sram_bytes", sram_bytes),
                     ("bytes_per_value", bytes_per_value)):

@@ -38,7 +38,16 @@ _KERNELS: dict = {}  # compiled kernels, by interpreter mode
 
 def triton_available() -> bool:
     """Whether Triton is installed here (found without importing it, so that the interpreter
-    can still be switched on afterwards; it is not needed to import the package)."""
+    can still be switched on afterwards; it is not needed to import the package).
+
+    Returns:
+        ``True`` when ``import triton`` would find a package, else ``False``.
+
+    Example:
+        >>> from attn_course.kernels import triton_available
+        >>> type(triton_available())         # True with Triton installed (Colab's GPU runtime has it)
+        <class 'bool'>
+    """
     import importlib.util
 
     try:
@@ -48,7 +57,19 @@ def triton_available() -> bool:
 
 
 def interpreter_on() -> bool:
-    """Whether Triton's interpreter is requested (``TRITON_INTERPRET=1``): kernels then run on CPU tensors."""
+    """Whether Triton's interpreter is requested (``TRITON_INTERPRET=1``): kernels then run on CPU tensors.
+
+    Only the environment variable is read; Triton itself reads it once, when it is first
+    imported, so set it before that (see :func:`triton_flash_attention`).
+
+    Returns:
+        ``True`` when ``TRITON_INTERPRET`` is ``1``, ``true``, ``on`` or ``yes`` (any case).
+
+    Example:
+        >>> from attn_course.kernels import interpreter_on
+        >>> type(interpreter_on())           # True after os.environ["TRITON_INTERPRET"] = "1"
+        <class 'bool'>
+    """
     return os.environ.get("TRITON_INTERPRET", "0").strip().lower() in ("1", "true", "on", "yes")
 
 
@@ -250,8 +271,10 @@ def triton_flash_attention(query: torch.Tensor, key: torch.Tensor, value: torch.
     :math:`dS = A \circ (dO\, V^\top - D)`.
 
     Args:
-        query: ``(..., L_q, d_k)``; key: ``(..., L_k, d_k)``; value: ``(..., L_k, d_v)``, on a
-            CUDA device, or on the CPU with Triton's interpreter on (``TRITON_INTERPRET=1``).
+        query: ``(..., L_q, d_k)``, on a CUDA device, or on the CPU with Triton's interpreter
+            on (``TRITON_INTERPRET=1``); ``key`` and ``value`` on the same device.
+        key: ``(..., L_k, d_k)``.
+        value: ``(..., L_k, d_v)``.
         is_causal: hide the keys ``j > i``.
         scale: multiplies the scores; defaults to ``1 / sqrt(d_k)``.
 
@@ -259,6 +282,23 @@ def triton_flash_attention(query: torch.Tensor, key: torch.Tensor, value: torch.
         ``(..., L_q, d_v)``, equal to ``torch.nn.functional.scaled_dot_product_attention``.
         A ``RuntimeError`` says what to install or set when Triton is missing, or when the
         tensors are on the CPU and the interpreter is off.
+
+    Example:
+        On a CPU, set ``TRITON_INTERPRET=1`` first, in a fresh process, before anything imports
+        Triton; on a CUDA GPU, leave it unset and put the tensors on ``"cuda"``. The kernel's
+        lines are skipped when the docs are tested, which cannot guarantee either.
+
+        >>> import os
+        >>> os.environ["TRITON_INTERPRET"] = "1"  # doctest: +SKIP
+        >>> import torch
+        >>> import torch.nn.functional as F
+        >>> from attn_course.kernels import triton_flash_attention
+        >>> _ = torch.manual_seed(0)
+        >>> q, k, v = torch.randn(3, 2, 4, 40, 16).unbind(0)    # (B, H, L, d) each
+        >>> out = triton_flash_attention(q, k, v, is_causal=True)  # doctest: +SKIP
+        >>> torch.allclose(out, F.scaled_dot_product_attention(q, k, v, is_causal=True),
+        ...                atol=1e-5)  # doctest: +SKIP
+        True
     """
     scale, _ = _scores_setup(query, key, value, None, False, scale)
     if query.device.type == "cpu" and not interpreter_on():
