@@ -319,15 +319,19 @@ def test_fit_seeds_equals_separate_trainings():
     torch.manual_seed(0)
     data = [copy_after_marker_task(2 * 8, 12, 2, generator=torch.Generator().manual_seed(s)) for s in range(5)]
 
+    # float64: Adam divides by the root of the squared gradients, so float32 rounding differences
+    # between the vmapped and the plain forward pass grow wherever a gradient is near zero
+    data = [(x.double(), y) for x, y in data]
+
     def batch(step):
         x, y = data[step - 1]
         return x.view(2, 8, 12, -1), y.view(2, 8, 12)
 
-    models = fit_seeds(lambda: LocalAttentionTagger(10, 8, 2), [3, 4], batch, loss_fn=sequence_cross_entropy,
-                       steps=5, lr=1e-2)
+    models = fit_seeds(lambda: LocalAttentionTagger(10, 8, 2).double(), [3, 4], batch,
+                       loss_fn=sequence_cross_entropy, steps=5, lr=1e-2)
     for m, seed in enumerate([3, 4]):
         torch.manual_seed(seed)
-        ref = LocalAttentionTagger(10, 8, 2)
+        ref = LocalAttentionTagger(10, 8, 2).double()
         opt = torch.optim.Adam(ref.parameters(), lr=1e-2)
         for x, y in data:
             loss = sequence_cross_entropy(ref(x.view(2, 8, 12, -1)[m])[0], y.view(2, 8, 12)[m])
@@ -335,4 +339,4 @@ def test_fit_seeds_equals_separate_trainings():
             loss.backward()
             opt.step()
         for a, b in zip(models[m].parameters(), ref.parameters()):
-            torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+            torch.testing.assert_close(a, b, atol=1e-9, rtol=1e-7)
