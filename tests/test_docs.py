@@ -27,14 +27,14 @@ DOCTEST_MODULES = ["attn_course", "attn_course.basics", "attn_course.seq2seq", "
                    "attn_course.multihead", "attn_course.positional", "attn_course.sparse",
                    "attn_course.flash", "attn_course.kernels", "attn_course.serving",
                    "attn_course.distributed", "attn_course.transformer",
-                   "attn_course.modern", "attn_course.exercises", "attn_course.report", "attn_course.widgets",
+                   "attn_course.interpret", "attn_course.modern", "attn_course.exercises", "attn_course.report", "attn_course.widgets",
                    "attn_course.plotting", "attn_course.data", "attn_course.train", "attn_course.bench"]
 
 # The modules of models and caches: every public class there states its equation (``.. math::``
 # or ``:math:``) and the paper it comes from (an author and a year, e.g. "Kwon et al., 2023").
 EQUATION_MODULES = ["attn_course.basics", "attn_course.seq2seq", "attn_course.variants",
                     "attn_course.multihead", "attn_course.positional", "attn_course.serving",
-                    "attn_course.transformer", "attn_course.modern"]
+                    "attn_course.transformer", "attn_course.interpret", "attn_course.modern"]
 
 # Public objects whose every checked example line (one with an expected output) is
 # ``# doctest: +SKIP``, and why. Anything else must have at least one checked line that runs.
