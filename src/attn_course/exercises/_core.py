@@ -13,15 +13,34 @@ Two rules keep the checker from being fooled:
 * whatever the learner's function returns is turned, inside the worker thread,
   into plain data (tensors, numbers, tuples and lists of them, or a short
   description of anything else), so that comparing it can neither raise nor hang.
+
+What the checker enforces, for every exercise that needs it (issue 28):
+
+* inputs come back unchanged, except those an exercise names in ``may_modify``
+  (a state update may be done in place); the feedback names the argument changed;
+* integer answers in the exact dtype (indices in int64, as gather and cross_entropy
+  need), masks in bool;
+* ``in_both_precisions`` runs every case in float32 and float64; ``conditions`` list
+  what a statement names, and the tests hold each exercise to test each condition in
+  both precisions and every two together;
+* ``square_free`` (a ``verify``): no L x L tensor, nor as much memory in NumPy or Python
+  (``Footprint`` watches ``tracemalloc`` too), and, with a budget, work linear in L,
+  counted over torch operations (NumPy's work is refused as uncounted);
+* ``builds_nothing`` (a ``verify``): a count is derived, not read off a built object;
+* hints return ``Hint`` objects: ``mistake(text, variant)`` is shown only when the
+  answer equals the mistake's value on the case (``first_match`` names every mistake
+  that fits), ``fact`` and ``generic`` otherwise.
 """
 
 from __future__ import annotations
 
 import ctypes
+import itertools
 import math
 import numbers
 import sys
 import threading
+import tracemalloc
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -35,7 +54,15 @@ _MAX_ITEMS = 64              # longer lists and tuples are described, not compar
 
 @dataclass
 class Case:
-    """One test input: positional and keyword arguments and a line describing it."""
+    """One test input: positional and keyword arguments and a line describing it.
+
+    Example:
+        >>> import torch
+        >>> from attn_course.exercises import Case
+        >>> case = Case("3x5 scores, no mask", (torch.zeros(3, 5),), {"mask": None})
+        >>> case.description, tuple(case.args[0].shape), case.kwargs
+        ('3x5 scores, no mask', (3, 5), {'mask': None})
+    """
 
     description: str
     args: tuple
@@ -52,6 +79,18 @@ class Exercise:
     ``verify(case, fn, got)``, run once a case's value is right, checks what a value
     cannot show (gradients, memory) and returns a problem or None;
     ``raise_hint(case, message)`` explains an exception the learner's code raised.
+
+    Example:
+        A tiny exercise: its expected answers are computed once, by ``prepare()``.
+
+        >>> import torch
+        >>> from attn_course.exercises import Case, Exercise
+        >>> double = Exercise(
+        ...     name="demo.double", signature="double(x) -> 2 * x",
+        ...     cases=lambda: [Case("three numbers", (torch.tensor([0.0, 1.0, 2.0]),))],
+        ...     expected=lambda x: 2 * x, solution=lambda x: x + x)
+        >>> [(case.description, expected.tolist()) for case, expected in double.prepared()]
+        [('three numbers', [0.0, 2.0, 4.0])]
     """
 
     name: str
@@ -64,6 +103,9 @@ class Exercise:
     rtol: float = 1e-4
     verify: Callable | None = None
     raise_hint: Callable | None = None
+    may_modify: tuple = ()
+    conditions: dict = field(default_factory=dict)
+    exclusive: tuple = ()
     _prepared: list | None = field(default=None, init=False, repr=False, compare=False)
     _error: BaseException | None = field(default=None, init=False, repr=False, compare=False)
 
@@ -271,6 +313,62 @@ def clone_tree(x):
     return x
 
 
+def changed_inputs(args: tuple, kwargs: dict, case: Case, may_modify: tuple = ()) -> tuple:
+    """The arguments (positions, keyword names) that differ from the case's after a call.
+
+    Those named in ``may_modify`` are left out; an argument that cannot be compared counts as changed.
+    """
+    changed = []
+    for i, (a, b) in enumerate(itertools.zip_longest(args, case.args)):
+        if i not in may_modify and not _same(a, b):
+            changed.append(i)
+    for k in case.kwargs:
+        if k not in may_modify and not _same(kwargs.get(k), case.kwargs[k]):
+            changed.append(k)
+    return tuple(changed)
+
+
+def _same(a, b) -> bool:
+    try:
+        return same_tree(a, b)
+    except Exception:  # noqa: BLE001
+        return False
+
+
+def arg_names(signature: str) -> list[str]:
+    """The parameter names of a signature line like ``"f(query (B, L, d), key, k=3) -> ..."``."""
+    names, depth, piece = [], 0, ""
+    for ch in signature[signature.find("(") + 1:]:
+        if ch in "([{":
+            depth += 1
+        elif ch in ")]}":
+            if depth == 0:
+                break
+            depth -= 1
+        if ch == "," and depth == 0:
+            names.append(piece)
+            piece = ""
+        else:
+            piece += ch
+    names.append(piece)
+    out = []
+    for p in names:
+        word = p.strip().split("=")[0].split(" ")[0].strip("*")
+        out.append(word if word.isidentifier() else "")
+    return out
+
+
+def _names(arguments, signature: str = "") -> str:
+    known = arg_names(signature) if signature else []
+    words = []
+    for i in arguments:
+        if isinstance(i, int):
+            words.append(f"`{known[i]}`" if i < len(known) and known[i] else f"argument {i + 1}")
+        else:
+            words.append(f"`{i}`")
+    return ", ".join(words) if words else "an argument"
+
+
 def same_tree(a, b) -> bool:
     if isinstance(b, torch.Tensor):
         return (type(a) is torch.Tensor and a.layout == b.layout == torch.strided
@@ -284,15 +382,104 @@ def same_tree(a, b) -> bool:
     return True
 
 
-class LargestTensor:
-    """Records the largest tensor storage created while active (in this thread only).
+# --- what a function allocates, and how much work it does -----------------------------------
 
-    ``with LargestTensor() as spy: fn(...)``; then ``spy.largest`` elements, of a tensor of
-    shape ``spy.shape``. Views count with their base's storage, so ``expand`` is free and
-    ``torch.ones(L, L)`` is not.
+# Work, in units of one multiply-add or one element produced: matrix products count their
+# multiply-adds, reductions the elements they read, every other operation the elements it
+# produces; views are free. "Arithmetic" leaves out pure data movement (copies, conversions,
+# concatenation, indexing, padding, creation), so that an answer computed in NumPy and handed
+# to torch at the end shows (almost) none.
+_FREE = {"_unsafe_view", "lift_fresh", "lift_fresh_copy", "detach", "alias", "empty", "empty_like",
+         "empty_strided", "scalar_tensor", "_local_scalar_dense", "set_", "resize_", "_reshape_alias",
+         "_to_dense", "item", "is_nonzero", "equal", "sym_size", "sym_stride", "sym_numel"}
+_MOVES = {"copy_", "_to_copy", "clone", "cat", "stack", "index", "index_select", "gather", "take",
+          "constant_pad_nd", "reflection_pad1d", "replication_pad1d", "zeros", "zeros_like", "ones",
+          "ones_like", "full", "full_like", "arange", "linspace", "fill_", "zero_", "fill", "scatter",
+          "scatter_", "index_put", "index_put_", "_index_put_impl_", "index_copy", "index_copy_",
+          "masked_scatter", "masked_scatter_", "repeat", "flip", "roll", "slice_scatter",
+          "select_scatter", "diagonal_scatter", "as_strided_scatter", "new_zeros", "new_ones",
+          "new_full", "new_empty", "new_empty_strided", "eye", "tril", "triu", "_unsafe_index",
+          "unfold_copy", "expand_copy", "view_copy", "permute_copy", "transpose_copy", "split_with_sizes_copy",
+          "randn", "rand", "randint", "normal_", "uniform_", "bernoulli_", "randperm", "random_"}
+_REDUCTIONS = {"sum", "mean", "amax", "amin", "max", "min", "prod", "logsumexp", "linalg_vector_norm",
+               "norm", "var", "std", "var_mean", "std_mean", "any", "all", "argmax", "argmin", "topk",
+               "sort", "kthvalue", "median", "nansum", "count_nonzero", "aminmax", "_softmax",
+               "_log_softmax", "cumsum", "cumprod", "cummax", "cummin", "logcumsumexp"}
+
+
+def _numel(x) -> int:
+    try:
+        return int(x.numel()) if isinstance(x, torch.Tensor) else 0
+    except Exception:  # noqa: BLE001
+        return 0
+
+
+def _op_work(func, args, kwargs, out) -> tuple[int, bool]:
+    """(units of work, whether it is arithmetic) of one aten operation (see the note above)."""
+    from torch.utils._pytree import tree_leaves
+
+    if getattr(func, "is_view", False):
+        return 0, False
+    name = func._schema.name.split("::")[-1]
+    tensors = [a for a in args if isinstance(a, torch.Tensor)]
+    outs = [t for t in tree_leaves(out) if isinstance(t, torch.Tensor)]
+    if name in _FREE:
+        return 0, False
+    shapes = [tuple(t.shape) for t in tensors]
+    try:
+        if name in ("mm", "addmm", "_addmm_activation"):
+            a, b = (shapes[-2], shapes[-1])
+            return a[0] * a[1] * b[1], True
+        if name in ("bmm", "baddbmm", "addbmm"):
+            a, b = (shapes[-2], shapes[-1])
+            return a[0] * a[1] * a[2] * b[2], True
+        if name in ("mv", "addmv"):
+            a = shapes[-2]
+            return a[0] * a[1], True
+        if name in ("dot", "vdot"):
+            return shapes[0][0], True
+        if name in ("convolution", "_convolution", "mkldnn_convolution", "_slow_conv2d_forward",
+                    "slow_conv_dilated2d", "slow_conv3d_forward"):
+            weight = tensors[1]
+            return _numel(outs[0]) * (_numel(weight) // max(1, weight.shape[0])), True
+        if "scaled_dot_product" in name:
+            q, k, v = shapes[:3]
+            batch = math.prod(q[:-2])
+            return batch * q[-2] * k[-2] * (q[-1] + v[-1]), True
+        if name in ("index_put", "index_put_", "_index_put_impl_"):
+            idx = [t for t in tree_leaves(args[1]) if isinstance(t, torch.Tensor)]
+            return max([_numel(args[2])] + [_numel(t) for t in idx]), False
+        if name in ("copy_",):
+            return _numel(args[1]), False
+    except Exception:  # noqa: BLE001 - an unexpected signature: count what it produces
+        pass
+    produced = sum(_numel(t) for t in outs)
+    if name in _REDUCTIONS:
+        return max([produced] + [_numel(t) for t in tensors]), True
+    return produced, name not in _MOVES
+
+
+class Footprint:
+    """Records what a function allocates and how much work it does, while active.
+
+    ``with Footprint() as spy: fn(...)``; then
+
+    * ``spy.largest`` elements, of the largest torch tensor storage created (shape
+      ``spy.shape``), in this thread only: views count with their base's storage, so
+      ``expand`` is free and ``torch.ones(L, L)`` is not;
+    * ``spy.host_bytes``: the peak of the memory traced by :mod:`tracemalloc` above where it
+      stood at the start: NumPy registers its arrays' data with it, and Python objects are
+      traced too, so an L x L array computed in NumPy (or as nested lists) shows here, which
+      the torch spy cannot see. Torch's own tensors are not traced. (All threads count; in a
+      check the other threads wait.)
+    * ``spy.work``: multiply-adds of matrix products plus elements produced by every other
+      torch operation (reductions: elements read; views: free), and ``spy.arithmetic``, the
+      same without pure data movement (copies, conversions, indexing, padding, creation).
+      Work done in NumPy or plain Python is not counted: exercises that count work say
+      "use torch operations", and reject an answer whose arithmetic is not in torch.
     """
 
-    def __init__(self):
+    def __init__(self, host: bool = True):
         from torch.utils._python_dispatch import TorchDispatchMode
         from torch.utils._pytree import tree_leaves
 
@@ -300,7 +487,14 @@ class LargestTensor:
 
         class _Mode(TorchDispatchMode):
             def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-                out = func(*args, **(kwargs or {}))
+                kwargs = kwargs or {}
+                out = func(*args, **kwargs)
+                try:
+                    units, arithmetic = _op_work(func, args, kwargs, out)
+                except Exception:  # noqa: BLE001 - never let the spy break the learner's code
+                    units, arithmetic = 0, False
+                spy.work += units
+                spy.arithmetic += units if arithmetic else 0
                 for t in tree_leaves(out):
                     if isinstance(t, torch.Tensor):
                         try:
@@ -312,14 +506,177 @@ class LargestTensor:
                 return out
 
         self.largest, self.shape = 0, None
+        self.work = self.arithmetic = 0
+        self.host_bytes = 0
+        self._host = host
+        self._started = False
         self._mode = _Mode()
 
     def __enter__(self):
+        _warm_up()
         self._mode.__enter__()
+        if self._host:
+            self._started = not tracemalloc.is_tracing()
+            if self._started:
+                tracemalloc.start()
+            tracemalloc.reset_peak()
+            self._base = tracemalloc.get_traced_memory()[0]
         return self
 
     def __exit__(self, *exc):
+        if self._host:
+            self.host_bytes = max(0, tracemalloc.get_traced_memory()[1] - self._base)
+            if self._started:
+                tracemalloc.stop()
         return self._mode.__exit__(*exc)
+
+
+_WARM: list = []
+
+
+def _warm_up() -> None:
+    """The first dispatch mode of a process imports a good part of torch (megabytes of Python
+    objects): do it once, untraced, so that it does not count against the learner's function."""
+    if _WARM:
+        return
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class _Plain(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            return func(*args, **(kwargs or {}))
+
+    with _Plain():
+        x = torch.ones(2, 3)
+        (x @ x.T).sum() + torch.softmax(x, -1).cumsum(-1)[:, [0]].exp()
+    _WARM.append(True)
+
+
+class LargestTensor(Footprint):
+    """:class:`Footprint` under its first name (it recorded only the largest torch tensor)."""
+
+
+def square_free(length: Callable[[Case], int], *, what: str, advice: str, min_length: int = 0,
+                work: Callable[[Case], float] | None = None,
+                floor: Callable[[Case], float] | None = None) -> Callable:
+    """A ``verify`` for exercises that promise memory (and, with ``work``, time) linear in a length.
+
+    On the cases whose ``length(case)`` is at least ``min_length`` it re-runs the learner's
+    function under a :class:`Footprint` and rejects
+
+    * a torch tensor of ``L * L`` elements or more (not even a mask);
+    * as many bytes outside torch (NumPy arrays, Python lists) as an ``L x L`` float32 array;
+    * with ``work``: more work than ``work(case)`` (a budget that every linear answer stays
+      well under and the quadratic one, however chunked, is well over; None: not counted on
+      this case, too short to tell them apart), and, with ``floor``,
+      less torch arithmetic than ``floor(case)``: the work was done where it is not counted.
+
+    ``what`` names the computation ("Banded attention"), ``advice`` says how to avoid L x L.
+    """
+
+    def verify(case, fn, got):
+        L = length(case)
+        if L < min_length:
+            return None
+        with Footprint() as spy:
+            fn(*clone_tree(case.args), **clone_tree(case.kwargs))
+        if spy.host_bytes >= 4 * L * L:    # a first call may import modules (Python objects): again
+            with Footprint() as again:
+                fn(*clone_tree(case.args), **clone_tree(case.kwargs))
+            spy.host_bytes = again.host_bytes
+        if spy.largest >= L * L:
+            return (f"the values are right, but your function created a tensor of shape {spy.shape} "
+                    f"({spy.largest:,} elements, at least L x L = {L * L:,} for L = {L}). {what} must "
+                    f"never build an L x L tensor, not even a mask: that is the memory it exists to "
+                    f"save. {advice}")
+        if spy.host_bytes >= 4 * L * L:
+            return (f"the values are right, but your function allocated {spy.host_bytes:,} bytes "
+                    f"outside torch at once (NumPy arrays or Python lists), as much as an L x L float32 "
+                    f"array for L = {L} ({4 * L * L:,} bytes). {what} must never hold L x L numbers, in "
+                    f"any library. {advice}")
+        budget = None if work is None else work(case)
+        if budget is None:
+            return None
+        if spy.work > budget:
+            return (f"the values are right, but your function did {fmt(spy.work)} units of work "
+                    f"(multiply-adds and elements computed by torch operations) for L = {L}; an answer "
+                    f"linear in L needs at most about {fmt(int(budget))}. Memory linear in L is not "
+                    f"enough: computing the L x L scores a block of queries at a time, or looping over "
+                    f"the whole prefix for every query, still does work that grows like L^2. {advice}")
+        if floor is not None and spy.arithmetic < floor(case):
+            return (f"the values are right, but the checker saw almost no arithmetic in torch "
+                    f"({fmt(spy.arithmetic)} units for L = {L}): it counts the work of torch operations "
+                    f"only, so compute with torch (as the statement asks), not NumPy or plain Python.")
+        return None
+
+    return verify
+
+
+def builds_nothing(limit: Callable[[Case], int], *, what: str) -> Callable:
+    """A ``verify`` for counting exercises: derive the number, do not build the object and count.
+
+    Re-runs the function under a :class:`Footprint` and rejects a torch tensor of ``limit(case)``
+    elements or more (a module's weights, a mask, a layout). ``what`` names the object.
+    """
+
+    def verify(case, fn, got):
+        n = limit(case)
+        with Footprint(host=False) as spy:
+            fn(*clone_tree(case.args), **clone_tree(case.kwargs))
+        if spy.largest >= n:
+            return (f"the number is right, but your function built a tensor of shape {spy.shape} "
+                    f"({spy.largest:,} elements): it counted {what} instead of deriving the count. "
+                    f"Write the count as a formula in the arguments: it is what holds at sizes no "
+                    f"one can build.")
+        return None
+
+    return verify
+
+
+# --- cases in both floating-point precisions --------------------------------------------------
+
+def as_dtype(x, dtype: torch.dtype):
+    """``x`` with every floating tensor (in nested tuples, lists, dicts) cast to ``dtype``."""
+    if isinstance(x, torch.Tensor):
+        return x.to(dtype) if x.is_floating_point() else x
+    if isinstance(x, tuple):
+        return tuple(as_dtype(v, dtype) for v in x)
+    if isinstance(x, list):
+        return [as_dtype(v, dtype) for v in x]
+    if isinstance(x, dict):
+        return {k: as_dtype(v, dtype) for k, v in x.items()}
+    return x
+
+
+def float_dtypes(case: Case) -> set:
+    """The floating dtypes of a case's tensors."""
+    from torch.utils._pytree import tree_leaves
+
+    return {t.dtype for t in tree_leaves((case.args, case.kwargs))
+            if isinstance(t, torch.Tensor) and t.is_floating_point()}
+
+
+def any_precision(predicate: Callable) -> Callable:
+    """Marks a condition (see :attr:`Exercise.conditions`) that one precision tests as well as the
+    other: what a function allocates or how much work it does on a long input, say."""
+    predicate.any_precision = True
+    return predicate
+
+
+def in_both_precisions(cases: list[Case], skip: Callable[[Case], bool] | None = None) -> list[Case]:
+    """The cases, then a copy of each in the other precision (float32 <-> float64).
+
+    Statements allow either precision; an answer that is right in one may overflow, lose
+    precision or mix dtypes in the other. Cases for which ``skip(case)`` holds are not copied.
+    """
+    copies = []
+    for case in cases:
+        dtypes = float_dtypes(case)
+        if not dtypes or (skip is not None and skip(case)):
+            continue
+        other = torch.float32 if dtypes == {torch.float64} else torch.float64
+        copies.append(Case(f"{case.description}, in {str(other).replace('torch.', '')}",
+                           as_dtype(case.args, other), as_dtype(case.kwargs, other)))
+    return cases + copies
 
 
 # --- comparing --------------------------------------------------------------------------------
@@ -368,12 +725,13 @@ def compare(got, expected, what: str, atol: float, rtol: float) -> str | None:
     """Explain how ``got`` (plain data) differs from ``expected`` (None if it matches)."""
     if isinstance(expected, (int, float)) and not isinstance(expected, bool):
         return _compare_number(got, expected, what, atol, rtol)
-    if isinstance(expected, tuple):
+    if isinstance(expected, (tuple, list)):
+        kind = type(expected).__name__
         if got is None:
-            return (f"{what} is None: did you forget the `return`? Expected a tuple of "
+            return (f"{what} is None: did you forget the `return`? Expected a {kind} of "
                     f"{len(expected)} items.")
         if not isinstance(got, (tuple, list)) or len(got) != len(expected):
-            return f"{what} should be a tuple of {len(expected)} items, got {describe(got)}."
+            return f"{what} should be a {kind} of {len(expected)} items, got {describe(got)}."
         for i, (g, e) in enumerate(zip(got, expected)):
             problem = compare(g, e, f"item {i} of {what}", atol, rtol)
             if problem:
@@ -400,6 +758,10 @@ def compare(got, expected, what: str, atol: float, rtol: float) -> str | None:
         if (got.dtype == torch.bool) != (expected.dtype == torch.bool) or got.is_floating_point():
             article = "a" if exact == "bool" else "an"
             return f"{what} has dtype {got.dtype}; return {article} {exact} tensor like {expected.dtype}."
+        if exact == "integer" and got.dtype != expected.dtype:
+            use = (" Indices go to torch.gather, index_select, nn.Embedding or F.cross_entropy, which "
+                   "take int64 (torch.long)." if expected.dtype == torch.int64 else "")
+            return f"{what} has dtype {got.dtype}; return {expected.dtype}.{use}"
         g = got.detach().cpu()
         wrong = g != expected
         if wrong.any():
@@ -482,6 +844,145 @@ def _plain_for_hint(x) -> bool:
     return x is None or type(x) in (int, float)
 
 
+# --- hints that name a mistake only when the answer is that mistake --------------------------
+
+@dataclass(frozen=True)
+class Hint:
+    """What a hint function returns: a text, and why the checker may show it.
+
+    * ``mistake(text, variant)``: the text names a mistake, and ``variant`` is the value that
+      mistake gives on this case. The checker shows the text only if the answer equals
+      ``variant`` (``where(answer)`` equals it, when the mistake concerns a part of the answer)
+      and the right answer does not: a hint never names a mistake the answer did not make.
+    * ``fact(text)``: a property of the answer the hint function has checked (e.g. "masked keys
+      got weight"), with advice.
+    * ``generic(text)``: a reminder of the rule, naming no mistake.
+
+    A plain string (older hint functions) is shown as it is.
+    """
+
+    text: str
+    kind: str = "generic"
+    variant: object = None
+    where: Callable | None = None
+    atol: float = 1e-5
+    rtol: float = 1e-4
+
+
+def mistake(text: str, variant, *, where: Callable | None = None, atol: float = 1e-5,
+            rtol: float = 1e-4) -> Hint:
+    """A hint naming a mistake whose value on this case is ``variant`` (see :class:`Hint`)."""
+    return Hint(text, "mistake", variant, where, atol, rtol)
+
+
+def fact(text: str) -> Hint:
+    """A hint stating a property of the answer that the hint function has checked."""
+    return Hint(text, "fact")
+
+
+def generic(text: str) -> Hint:
+    """A hint that restates the rule and names no mistake."""
+    return Hint(text, "generic")
+
+
+def agrees(a, b, atol: float = 1e-5, rtol: float = 1e-4) -> bool:
+    """Whether two values (tensors, numbers, tuples of them) are equal, never raising.
+
+    Floating tensors: one shape and close values, NaN and inf in the same places; bool and
+    integer tensors, and whole numbers: equal.
+    """
+    try:
+        if isinstance(a, (tuple, list)) or isinstance(b, (tuple, list)):
+            return (isinstance(a, (tuple, list)) and isinstance(b, (tuple, list)) and len(a) == len(b)
+                    and all(agrees(x, y, atol, rtol) for x, y in zip(a, b)))
+        if isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor):
+            if a.shape != b.shape:
+                return False
+            a, b = a.detach().cpu(), b.detach().cpu()
+            if not (a.is_floating_point() or b.is_floating_point()):
+                return bool(torch.equal(a.long(), b.long()))
+            a, b = a.double(), b.double()
+            if not torch.equal(torch.isnan(a), torch.isnan(b)):
+                return False
+            a, b = a.nan_to_num(0.0, 1e300, -1e300), b.nan_to_num(0.0, 1e300, -1e300)
+            return bool(torch.allclose(a, b, atol=atol, rtol=rtol))
+        if isinstance(a, torch.Tensor) and a.numel() == 1:
+            a = a.item()
+        if isinstance(b, torch.Tensor) and b.numel() == 1:
+            b = b.item()
+        if type(a) in (int, float) and type(b) in (int, float):
+            if isinstance(a, int) and isinstance(b, int):
+                return a == b
+            return math.isclose(a, b, rel_tol=rtol, abs_tol=atol) or (math.isnan(a) and math.isnan(b))
+    except Exception:  # noqa: BLE001
+        pass
+    return False
+
+
+def hint_text(hint, got, expected) -> str | None:
+    """The text of what a hint function returned, if the checker may show it (see :class:`Hint`)."""
+    if hint is None or isinstance(hint, str):
+        return hint
+    if not isinstance(hint, Hint):
+        return None
+    if hint.kind == "mistake":
+        part = hint.where or (lambda x: x)
+        try:
+            mine, right = part(got), part(expected)
+        except Exception:  # noqa: BLE001
+            return None
+        if not agrees(mine, hint.variant, hint.atol, hint.rtol) or agrees(right, hint.variant, hint.atol,
+                                                                           hint.rtol):
+            return None
+    return hint.text
+
+
+def first_match(got, expected, pairs, *, where: Callable | None = None, atol: float = 1e-5,
+                rtol: float = 1e-4) -> Hint | None:
+    """The ``(variant, text)`` of ``pairs`` that the answer equals (and the right answer does not),
+    as a :func:`mistake` hint; None if there is none. A ``variant`` of None is skipped. If the
+    answer equals the variants of two mistakes with different texts, the hint names both: a
+    case on which two mistakes coincide cannot tell which one was made."""
+    part = where or (lambda x: x)
+    try:
+        mine, right = part(got), part(expected)
+    except Exception:  # noqa: BLE001
+        return None
+    found = []
+    for variant, text in pairs:
+        if variant is not None and agrees(mine, variant, atol, rtol) and not agrees(right, variant, atol, rtol):
+            if not found:
+                found.append((variant, text))
+            elif text not in (t for _, t in found):
+                found.append((variant, text))
+    if not found:
+        return None
+    if len(found) == 1:
+        return mistake(found[0][1], found[0][0], where=where, atol=atol, rtol=rtol)
+    # two mistakes give this very answer here: name both rather than guess
+    texts = "; or ".join(t.rstrip(".") for _, t in found)
+    return mistake(f"more than one mistake gives this answer here: {texts}.", found[0][0], where=where,
+                   atol=atol, rtol=rtol)
+
+
+def factor_hint(got, expected, factors) -> Hint | None:
+    """For counts: the mistakes ``(factor, text)`` whose answer is ``expected * factor``.
+
+    When several fit the answer (two factors may be equal on a case), the hint names them all.
+    """
+    if type(got) not in (int, float) or isinstance(got, bool) or got == expected:
+        return None
+    fits = [(f, text) for f, text in factors
+            if f not in (0, 1) and math.isclose(got, expected * f, rel_tol=1e-12, abs_tol=0)]
+    if not fits:
+        return None
+    value = expected * fits[0][0]
+    if len(fits) == 1:
+        return mistake(fits[0][1] + ".", value, atol=0, rtol=1e-12)
+    return mistake("several mistakes give this number here: " + "; or ".join(t for _, t in fits) + ".",
+                   value, atol=0, rtol=1e-12)
+
+
 # --- helpers for hint functions ---------------------------------------------------------------
 
 def close(a, b, atol: float = 1e-5, rtol: float = 1e-4) -> bool:
@@ -536,11 +1037,7 @@ def evaluate(ex: Exercise, fn, timeout: float) -> tuple[bool, str]:
 
         def run(args=args, kwargs=kwargs, case=case):
             value = fn(*args, **kwargs)
-            try:
-                changed = not (same_tree(args, case.args) and same_tree(kwargs, case.kwargs))
-            except Exception:  # noqa: BLE001
-                changed = True
-            return plain(value), changed
+            return plain(value), changed_inputs(args, kwargs, case, ex.may_modify)
 
         status, result = call_with_timeout(run, timeout, printed, f"test {i}")
         failed = _failure(head, where, ex, status, result, timeout, case)
@@ -548,9 +1045,12 @@ def evaluate(ex: Exercise, fn, timeout: float) -> tuple[bool, str]:
             return False, failed + printed.report()
         value, changed = result
         if changed:
-            return False, (f"❌ {head}: {where}: your function changed its inputs in place. "
-                           f"Work on new tensors (e.g. masked_fill, not masked_fill_)."
-                           + printed.report())
+            allowed = (f" (only {_names(ex.may_modify, ex.signature)} may be updated in place here)"
+                       if ex.may_modify else "")
+            return False, (f"❌ {head}: {where}: your function changed its inputs in place "
+                           f"({_names(changed, ex.signature)}){allowed}. The statement asks you to leave them "
+                           f"unchanged: work on new tensors (e.g. masked_fill, not masked_fill_; "
+                           f"x = x * 2, not x *= 2)." + printed.report())
         try:
             problem = compare(value, expected, "the result", ex.atol, ex.rtol)
         except Exception as exc:  # noqa: BLE001 - the checker must never crash
@@ -560,8 +1060,9 @@ def evaluate(ex: Exercise, fn, timeout: float) -> tuple[bool, str]:
             hint = None
             if ex.hint is not None and _plain_for_hint(value):
                 try:
-                    hint = ex.hint(Case(case.description, clone_tree(case.args), clone_tree(case.kwargs)),
-                                   value, clone_tree(expected))
+                    hint = hint_text(ex.hint(Case(case.description, clone_tree(case.args),
+                                                  clone_tree(case.kwargs)), value, clone_tree(expected)),
+                                     value, expected)
                 except Exception:  # noqa: BLE001 - a hint must never crash the checker
                     hint = None
             return False, (f"❌ {head}: {where}: {problem}" + (f"\n   Hint: {hint}" if hint else "")

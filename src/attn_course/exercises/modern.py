@@ -5,8 +5,10 @@ The expected answers come from :mod:`attn_course.modern`, bound here when the mo
 (a learner who rebinds ``modern.linear_attention`` in a notebook cannot change what is
 expected). Each exercise lists the mistakes learners make and which case catches each; a hint
 is given only when the wrong answer equals one of those mistakes on the failing case and the
-mistake there differs from the answer (``_core.matches``). Values are compared with the
-course's tolerances (atol 1e-5, rtol 1e-4), so an answer computed in float32 passes.
+mistake there differs from the answer (``_core.Hint``). Values are compared with the
+course's tolerances (atol 1e-5, rtol 1e-4), so an answer computed in float32 passes; every
+case runs in float64 and in float32. ``delta_rule_step`` may update its state in place (and
+return it), as recurrent code does; every other input must come back unchanged.
 """
 
 from __future__ import annotations
@@ -18,7 +20,15 @@ import torch
 import torch.nn.functional as F
 
 from .. import modern
-from ._core import Case, Exercise, LargestTensor, matches
+from ._core import (
+    Case,
+    Exercise,
+    any_precision,
+    fact,
+    first_match,
+    in_both_precisions,
+    square_free,
+)
 
 # the package's answers, bound at import time
 _kv_cache_bytes_at = modern.kv_cache_bytes_at
@@ -58,22 +68,39 @@ def _mla_bytes_cases():
                                   (61, 128, 512, 64, 1),    # DeepSeek-V3 in FP8
                                   (1, 1, 16, 0, 4),
                                   (4, 8, 32, 8, 2),
-                                  (3, 2, 64, 0, 4))]
+                                  (3, 2, 64, 0, 4),
+                                  (1, 4, 8, 16, 1),
+                                  (5, 1, 32, 16, 1),
+                                  (2, 4, 16, 0, 1))]
+
+
+_MLA_BYTES_CONDITIONS = {
+    "one layer": lambda n, h, c, r, b: n == 1,
+    "several layers": lambda n, h, c, r, b: n > 1,
+    "one head": lambda n, h, c, r, b: h == 1,
+    "several heads": lambda n, h, c, r, b: h > 1,
+    "no rope key (d_R = 0)": lambda n, h, c, r, b: r == 0,
+    "a rope key (d_R > 0)": lambda n, h, c, r, b: r > 0,
+    "one byte per value (FP8)": lambda n, h, c, r, b: b == 1,
+}
+_MLA_BYTES_EXCLUSIVE = (("one layer", "several layers"), ("one head", "several heads"),
+                        ("no rope key (d_R = 0)", "a rope key (d_R > 0)"))
 
 
 def _mla_bytes_hint(case, got, expected):
     n, h, c, r, b = case.args
-    if got == 2 * expected:
-        return "the latent is cached once: keys AND values are both rebuilt from it (no factor 2)."
-    if h > 1 and got == h * expected:
-        return "the latent (and the rope key) is shared by all heads: do not multiply by num_heads."
-    if r and got == n * (c + h * r) * b:
-        return "the decoupled rope key is shared by all heads; only the rope *queries* are per head."
-    if r and got == n * c * b:
-        return "each token also caches its decoupled rope key (rope_dim numbers)."
-    if n > 1 and got == (c + r) * b:
-        return "every layer has its own cache: multiply by num_layers."
-    return None
+    if isinstance(got, torch.Tensor) and got.numel() == 1:
+        got = got.item()
+    if type(got) not in (int, float):
+        return None
+    return first_match(got, expected, [
+        (2 * expected, "the latent is cached once: keys AND values are both rebuilt from it (no factor 2)."),
+        (h * expected, "the latent (and the rope key) is shared by all heads: do not multiply by num_heads."),
+        (n * (c + h * r) * b, "the decoupled rope key is shared by all heads; only the rope *queries* are "
+                              "per head."),
+        (n * c * b, "each token also caches its decoupled rope key (rope_dim numbers)."),
+        ((c + r) * b, "every layer has its own cache: multiply by num_layers."),
+        (8 * expected, "that counts bits: the answer is in bytes (8 bits each).")], atol=0, rtol=0)
 
 
 # --- modern.absorbed_query_weight ---------------------------------------------------------------
@@ -103,24 +130,32 @@ def _absorbed_expected(W_q, W_uk, num_heads):
 def _absorbed_cases():
     g = _gen(80)
     cases = []
-    for H, d_h, E, d_c in ((2, 3, 5, 4), (4, 2, 6, 3), (3, 4, 8, 8), (1, 4, 3, 5)):
+    for H, d_h, E, d_c in ((2, 3, 5, 4), (4, 2, 6, 3), (3, 4, 8, 8), (1, 4, 3, 5), (1, 2, 6, 6)):
         W_q = torch.randn(H * d_h, E, generator=g, dtype=torch.float64)
         W_uk = torch.randn(H * d_h, d_c, generator=g, dtype=torch.float64)
         cases.append(Case(f"{H} heads of {d_h}, E = {E}, d_c = {d_c}", (W_q, W_uk, H)))
-    return cases
+    return in_both_precisions(cases)
+
+
+_ABSORBED_CONDITIONS = {
+    "one head": lambda W_q, W_uk, H: H == 1,
+    "several heads": lambda W_q, W_uk, H: H > 1,
+    "E = d_c (a transposed answer has the right shape)": lambda W_q, W_uk, H: W_q.shape[1] == W_uk.shape[1],
+    "E != d_c": lambda W_q, W_uk, H: W_q.shape[1] != W_uk.shape[1],
+}
+_ABSORBED_EXCLUSIVE = (("one head", "several heads"), ("E = d_c (a transposed answer has the right shape)", "E != d_c"))
 
 
 def _absorbed_hint(case, got, expected):
     W_q, W_uk, H = case.args
-    if matches(got, expected.transpose(1, 2), expected):
-        return ("transposed: A[h] = W_uk[h]^T W_q[h] maps x (E numbers) to a query in latent space "
-                "(d_c numbers), so it is (d_c, E).")
     d_h = W_q.shape[0] // H
     interleaved = (W_uk.reshape(d_h, H, -1).transpose(0, 1).transpose(1, 2)
                    @ W_q.reshape(d_h, H, -1).transpose(0, 1))
-    if H > 1 and matches(got, interleaved, expected):
-        return "head h owns the contiguous rows h*d_h .. (h+1)*d_h: reshape to (H, d_h, ...), not (d_h, H, ...)."
-    return None
+    return first_match(got, expected, [
+        (expected.transpose(1, 2), "transposed: A[h] = W_uk[h]^T W_q[h] maps x (E numbers) to a query in "
+                                   "latent space (d_c numbers), so it is (d_c, E)."),
+        (interleaved, "head h owns the contiguous rows h*d_h .. (h+1)*d_h: reshape to (H, d_h, ...), not "
+                      "(d_h, H, ...).")])
 
 
 # --- modern.delta_rule_step ---------------------------------------------------------------------
@@ -154,7 +189,7 @@ def _delta_cases():
         return torch.randn(*shape, generator=g, dtype=torch.float64)
 
     one = torch.ones((), dtype=torch.float64)
-    return [
+    return in_both_precisions([
         Case("one head, beta = 1, gate = 1, d_v = 3, d_k = 4", (randn(3, 4), unit(4), randn(3), one, one)),
         Case("(B, H) = (2, 3), beta = 0.7, gate = 0.5",
              (randn(2, 3, 3, 4), unit(2, 3, 4), randn(2, 3, 3), torch.full((2, 3), 0.7, dtype=torch.float64),
@@ -169,7 +204,41 @@ def _delta_cases():
         Case("(B, H) = (2, 2), keys that are NOT unit vectors (norms 0.5 to 2), random beta and gate",
              (randn(2, 2, 3, 4), unit(2, 2, 4) * (0.5 + 1.5 * rand(2, 2, 1)), randn(2, 2, 3), rand(2, 2),
               rand(2, 2))),
-    ]
+        Case("one state, d_v = d_k = 4, a key of norm 2, beta = 0, gate = 0.8",
+             (randn(4, 4), unit(4) * 2, randn(4), torch.zeros((), dtype=torch.float64),
+              torch.full((), 0.8, dtype=torch.float64))),
+        Case("(B, H) = (1, 2), d_v = d_k = 3, beta 1 and 0.3, gate 1 and 0.6",
+             (randn(1, 2, 3, 3), unit(1, 2, 3), randn(1, 2, 3), torch.tensor([[1.0, 0.3]], dtype=torch.float64),
+              torch.tensor([[1.0, 0.6]], dtype=torch.float64))),
+        Case("(B, H) = (1, 3): beta 0, 1 and 0.5 and gate 1, 0.5 and 0 in the three heads, keys of norm 3",
+             (randn(1, 3, 2, 5) * 10, unit(1, 3, 5) * 3, randn(1, 3, 2),
+              torch.tensor([[0.0, 1.0, 0.5]], dtype=torch.float64),
+              torch.tensor([[1.0, 0.5, 0.0]], dtype=torch.float64))),
+    ])
+
+
+def _unit_keys(S, k, v, b, g) -> bool:
+    return bool(((k.double().norm(dim=-1) - 1).abs() < 1e-6).all())
+
+
+_DELTA_CONDITIONS = {
+    "one state, no batch or head axes": lambda S, k, v, b, g: S.ndim == 2,
+    "batch and head axes": lambda S, k, v, b, g: S.ndim == 4,
+    "d_v != d_k": lambda S, k, v, b, g: S.shape[-1] != S.shape[-2],
+    "d_v = d_k (a transposed outer product has the right shape)": lambda S, k, v, b, g: S.shape[-1] == S.shape[-2],
+    "beta = 0 somewhere (nothing written)": lambda S, k, v, b, g: bool((b == 0).any()),
+    "beta = 1 somewhere": lambda S, k, v, b, g: bool((b == 1).any()),
+    "gate = 1 somewhere (no decay)": lambda S, k, v, b, g: bool((g == 1).any()),
+    "gate below 1": lambda S, k, v, b, g: bool((g < 1).any()),
+    "beta and gate that differ across batch and heads": lambda S, k, v, b, g: b.numel() > 1 and bool(
+        (b != b.reshape(-1)[0]).any() and (g != g.reshape(-1)[0]).any()),
+    "unit keys": _unit_keys,
+    "keys that are not unit vectors": lambda *a: not _unit_keys(*a),
+}
+_DELTA_EXCLUSIVE = (("one state, no batch or head axes", "batch and head axes"),
+                    ("d_v != d_k", "d_v = d_k (a transposed outer product has the right shape)"),
+                    ("unit keys", "keys that are not unit vectors"),
+                    ("one state, no batch or head axes", "beta and gate that differ across batch and heads"))
 
 
 def _delta_variants(S, k, v, beta, gate):
@@ -196,10 +265,7 @@ def _delta_variants(S, k, v, beta, gate):
 
 
 def _delta_hint(case, got, expected):
-    for variant, text in _delta_variants(*case.args):
-        if variant is not None and matches(got, variant, expected):
-            return text
-    return None
+    return first_match(got, expected, _delta_variants(*case.args))
 
 
 # --- modern.causal_linear_attention -------------------------------------------------------------
@@ -224,64 +290,82 @@ def _linear_solution(query, key, value):
     return num / den
 
 
+_WORK_L = 1024
+
+
 def _linear_cases():
     g = _gen(82)
     r = lambda *s: torch.randn(*s, generator=g, dtype=torch.float64)  # noqa: E731
     cases = [Case(f"(B, H, L, d) = {s}, d_v = {dv}", (r(*s), r(*s), r(*s[:-1], dv)))
-             for s, dv in (((1, 1, 5, 3), 2), ((2, 2, 8, 4), 3), ((1, 1, 1, 4), 4), ((1, 3, 17, 8), 5))]
+             for s, dv in (((1, 1, 5, 3), 2), ((2, 2, 8, 4), 3), ((1, 1, 1, 4), 4), ((1, 3, 17, 8), 5),
+                           ((2, 6, 3), 2), ((2, 1, 3), 2))]
     s = (1, 2, _LONG_L, 2)
     cases.append(Case(f"(B, H, L, d) = {s}, d_v = 2: no tensor of L x L elements allowed",
                       (r(*s), r(*s), r(*s))))
-    return cases
+    s = (1, 1, _WORK_L, 2)
+    cases.append(Case(f"(B, H, L, d) = {s}, d_v = 2: work linear in L", (r(*s), r(*s), r(*s))))
+    return in_both_precisions(cases, skip=lambda case: case.args[0].shape[-2] >= _LONG_L)
 
 
-def _matches_nan(got, variant, expected) -> bool:
-    """:func:`matches`, where NaN in the same places (a 0 / 0 of the mistake) also agree."""
-    if (isinstance(got, torch.Tensor) and isinstance(variant, torch.Tensor) and got.shape == variant.shape
-            and torch.equal(torch.isnan(got), torch.isnan(variant))):
-        got, variant = got.nan_to_num(0.0), variant.nan_to_num(0.0)
-    return matches(got, variant, expected)
+_LINEAR_CONDITIONS = {
+    "a single position": lambda q, k, v: q.shape[-2] == 1,
+    "d_v differs from d": lambda q, k, v: v.shape[-1] != q.shape[-1],
+    "(B, H) axes": lambda q, k, v: q.ndim == 4,
+    "no head axis (B, L, d)": lambda q, k, v: q.ndim == 3,
+    f"L = {_LONG_L}: no L x L tensor": any_precision(lambda q, k, v: q.shape[-2] >= _LONG_L),
+    f"L = {_WORK_L}: work linear in L": any_precision(lambda q, k, v: q.shape[-2] >= _WORK_L),
+}
+_LINEAR_EXCLUSIVE = (("(B, H) axes", "no head axis (B, L, d)"),
+                     *((c, f"L = {_LONG_L}: no L x L tensor") for c in ("a single position", "d_v differs from d",
+                                                                         "no head axis (B, L, d)")),
+                     *((c, f"L = {_WORK_L}: work linear in L") for c in ("a single position", "d_v differs from d",
+                                                                          "no head axis (B, L, d)")))
+
+
+def _after_first(x):
+    return x[..., 1:, :]
 
 
 def _linear_hint(case, got, expected):
     q, k, v = case.args
-    fq, fk = F.elu(q) + 1, F.elu(k) + 1
+    fq, fk = F.elu(q.double()) + 1, F.elu(k.double()) + 1
+    v = v.double()
     scores = fq @ fk.transpose(-2, -1)                                     # (..., L, L)
     causal = scores.tril()
     L = q.shape[-2]
-    if L > 1 and _matches_nan(got, (scores @ v) / scores.sum(-1, keepdim=True), expected):
-        return "each query may use only the keys up to its own position: prefix sums (cumsum), not one sum."
+    pairs = [((scores @ v) / scores.sum(-1, keepdim=True),
+              "each query may use only the keys up to its own position: prefix sums (cumsum), not one sum."),
+             (causal @ v, "divide by the normaliser phi(q_i) . z_i with z_i = sum_{j<=i} phi(k_j).")]
+    for name, phi in (("relu", F.relu), ("exp", torch.exp), ("the identity", lambda x: x)):
+        s = (phi(q.double()) @ phi(k.double()).transpose(-2, -1)).tril()
+        pairs.append(((s @ v) / s.sum(-1, keepdim=True), f"the feature map is phi(x) = elu(x) + 1, not {name}."))
+    soft = torch.softmax((q.double() @ k.double().transpose(-2, -1) / math.sqrt(q.shape[-1])).masked_fill(
+        ~torch.ones(L, L, dtype=torch.bool).tril(), float("-inf")), -1) @ v
+    pairs.append((soft, "that is softmax attention: replace exp(q . k / sqrt(d)) by phi(q) . phi(k)."))
+    hint = first_match(got, expected, pairs)
+    if hint or L < 2:
+        return hint
     before = scores.tril(-1)
     exclusive = (before @ v) / before.sum(-1, keepdim=True)
-    if (L > 1 and isinstance(got, torch.Tensor) and got.shape == expected.shape
-            and _matches_nan(got[..., 1:, :], exclusive[..., 1:, :], expected[..., 1:, :])):
-        return "include the current token: the prefix runs over j <= i (an inclusive cumsum)."
-    if _matches_nan(got, causal @ v, expected):
-        return "divide by the normaliser phi(q_i) . z_i with z_i = sum_{j<=i} phi(k_j)."
-    for name, phi in (("relu", F.relu), ("exp", torch.exp), ("the identity", lambda x: x)):
-        s = (phi(q) @ phi(k).transpose(-2, -1)).tril()
-        if _matches_nan(got, (s @ v) / s.sum(-1, keepdim=True), expected):
-            return f"the feature map is phi(x) = elu(x) + 1, not {name}."
-    soft = torch.softmax((q @ k.transpose(-2, -1) / math.sqrt(q.shape[-1])).masked_fill(
-        ~torch.ones(L, L, dtype=torch.bool).tril(), float("-inf")), -1) @ v
-    if L > 1 and _matches_nan(got, soft, expected):
-        return "that is softmax attention: replace exp(q . k / sqrt(d)) by phi(q) . phi(k)."
-    return None
+    return first_match(got, expected, [(exclusive[..., 1:, :], "include the current token: the prefix runs "
+                                                                "over j <= i (an inclusive cumsum).")],
+                       where=_after_first)
 
 
-def _linear_verify(case, fn, got):
-    """On the long case, re-run the function under the allocation spy: no L x L tensor."""
-    L = case.args[0].shape[-2]
-    if L < _LONG_L:
+def _linear_work(case):
+    """Work allowed at L = 1024: 256 (d + d_v) per query and head, which prefix sums (about 16 d d_v)
+    and chunks of up to about 100 tokens stay under and a loop over each query's whole prefix
+    (L / 2 (d + d_v) on average) does not."""
+    q, k, v = case.args
+    if q.shape[-2] < _WORK_L:
         return None
-    with LargestTensor() as spy:
-        fn(*case.args, **case.kwargs)
-    if spy.largest >= L * L:
-        return (f"the values are right, but your function created a tensor of shape {spy.shape} "
-                f"({spy.largest:,} elements, at least L x L = {L * L:,} for L = {L}). Causal linear "
-                f"attention exists to avoid the L x L matrix (not even a mask or a tril of it): keep "
-                f"running sums of phi(k_j) v_j^T and phi(k_j) with torch.cumsum.")
-    return None
+    return 256 * (q.shape[-1] + v.shape[-1]) * q.numel() // q.shape[-1]
+
+
+_LINEAR_VERIFY = square_free(lambda case: case.args[0].shape[-2], min_length=_LONG_L, work=_linear_work,
+                             floor=lambda case: case.args[0].numel() + case.args[2].numel(),
+                             what="Causal linear attention",
+                             advice="Keep running sums of phi(k_j) v_j^T and phi(k_j) with torch.cumsum.")
 
 
 # --- modern.indexer_topk_mask -------------------------------------------------------------------
@@ -307,32 +391,47 @@ def _topk_mask_expected(scores, k):
 
 def _topk_mask_cases():
     g = _gen(83)
-    return [Case(f"scores {s}, k = {k}", (torch.randn(*s, generator=g, dtype=torch.float64), k))
-            for s, k in (((1, 6, 6), 2), ((2, 8, 8), 3), ((1, 5, 5), 1), ((2, 10, 10), 4), ((1, 4, 4), 9))]
+    return in_both_precisions(
+        [Case(f"scores {s}, k = {k}", (torch.randn(*s, generator=g, dtype=torch.float64), k))
+         for s, k in (((1, 6, 6), 2), ((2, 8, 8), 3), ((2, 5, 5), 1), ((2, 10, 10), 4), ((2, 4, 4), 9),
+                      ((2, 3, 3), 3), ((1, 1, 1), 2))])
+
+
+_TOPK_MASK_CONDITIONS = {
+    "k = 1": lambda s, k: k == 1,
+    "1 < k < L": lambda s, k: 1 < k < s.shape[-1],
+    "k = L": lambda s, k: k == s.shape[-1],
+    "k > L": lambda s, k: k > s.shape[-1],
+    "a batch of several": lambda s, k: s.shape[0] > 1,
+}
+_TOPK_MASK_EXCLUSIVE = (("k = 1", "1 < k < L"), ("k = 1", "k = L"), ("k = 1", "k > L"), ("1 < k < L", "k = L"),
+                        ("1 < k < L", "k > L"), ("k = L", "k > L"))
 
 
 def _topk_mask_hint(case, got, expected):
     scores, k = case.args
     L = scores.shape[-1]
-    if got.dtype != torch.bool or got.shape != expected.shape:
+    if not isinstance(got, torch.Tensor) or got.dtype != torch.bool or got.shape != expected.shape:
         return None
-    if torch.equal(got, ~expected):
-        return "True marks the keys a query selects (and may attend to); your mask is inverted."
     causal = torch.ones(L, L, dtype=torch.bool).tril()
-    if (got & ~causal).any():
-        plain = torch.zeros_like(got).scatter(-1, scores.topk(min(k, L), -1).indices, True)
-        if torch.equal(got, plain):
-            return "mask the future (set its scores to -inf) before taking the top k."
-        return ("a query with fewer than k allowed keys picked masked (future) keys: keep only "
-                "selections that the causal mask allows (mask & causal).")
-    plain = torch.zeros_like(got).scatter(-1, scores.topk(min(k, L), -1).indices, True)
-    if torch.equal(got, plain & causal) and not torch.equal(got, expected):
-        return ("mask the future (scores -inf) *before* the top k: a top k over all keys picks future "
-                "keys, and `& causal` afterwards drops them, leaving those queries fewer than k keys.")
+    kk = min(k, L)
+    plain = torch.zeros_like(got).scatter(-1, scores.topk(kk, -1).indices, True)
+    all_slots = torch.zeros_like(got).scatter(-1, scores.masked_fill(~causal, float("-inf")).topk(kk, -1).indices, True)
     low = torch.zeros_like(got).scatter(-1, scores.masked_fill(~causal, float("inf")).topk(
-        min(k, L), -1, largest=False).indices, True) & causal
-    if torch.equal(got, low):
-        return "keep the k *highest* scores (topk's default, largest=True)."
+        kk, -1, largest=False).indices, True) & causal
+    hint = first_match(got, expected, [
+        (~expected, "True marks the keys a query selects (and may attend to); your mask is inverted."),
+        (plain, "mask the future (set its scores to -inf) before taking the top k."),
+        (all_slots, "a query with fewer than k allowed keys picked masked (future) keys: keep only "
+                    "selections that the causal mask allows (mask & causal)."),
+        (plain & causal, "mask the future (scores -inf) *before* the top k: a top k over all keys picks "
+                         "future keys, and `& causal` afterwards drops them, leaving those queries fewer "
+                         "than k keys."),
+        (low, "keep the k *highest* scores (topk's default, largest=True).")])
+    if hint:
+        return hint
+    if bool((got & ~causal).any()):
+        return fact("your mask selects future keys (j > i): a query may select only keys it may see.")
     return None
 
 
@@ -348,7 +447,20 @@ def _global_solution(num_layers, local_per_global):
 
 def _global_cases():
     return [Case(f"{n} layers, {r}:1 local:global", (n, r))
-            for n, r in ((6, 5), (62, 5), (12, 1), (7, 2), (4, 0), (3, 5))]
+            for n, r in ((6, 5), (62, 5), (12, 1), (7, 2), (4, 0), (3, 5), (1, 0), (1, 3))]
+
+
+_GLOBAL_CONDITIONS = {
+    "no local layers (local_per_global = 0)": lambda n, r: r == 0,
+    "whole periods": lambda n, r: n % (r + 1) == 0,
+    "a partial last period": lambda n, r: n % (r + 1) != 0,
+    "fewer layers than one period (no global layer)": lambda n, r: n < r + 1,
+    "a single layer": lambda n, r: n == 1,
+}
+_GLOBAL_EXCLUSIVE = (("whole periods", "a partial last period"),
+                     ("no local layers (local_per_global = 0)", "a partial last period"),
+                     ("no local layers (local_per_global = 0)", "fewer layers than one period (no global layer)"),
+                     ("whole periods", "fewer layers than one period (no global layer)"))
 
 
 def _global_hint(case, got, expected):
@@ -356,34 +468,38 @@ def _global_hint(case, got, expected):
     if not isinstance(got, torch.Tensor) or got.dtype != torch.bool or got.shape != expected.shape:
         return None
     i = torch.arange(n)
-    if torch.equal(got, ~expected):
-        return "True marks the global layers (those that see the whole sequence); yours marks the local ones."
-    if r > 0 and torch.equal(got, (i + 1) % r == 0):
-        return f"a {r}:1 ratio repeats {r} local layers and 1 global one: the period is {r + 1}."
-    if torch.equal(got, i % (r + 1) == 0):
-        return "the stack starts with local layers: layer i is global when (i + 1) % (r + 1) == 0."
-    return None
+    return first_match(got, expected, [
+        (~expected, "True marks the global layers (those that see the whole sequence); yours marks the local ones."),
+        ((i + 1) % r == 0 if r > 0 else None, f"a {r}:1 ratio repeats {r} local layers and 1 global one: the "
+                                              f"period is {r + 1}."),
+        (i % (r + 1) == 0, "the stack starts with local layers: layer i is global when (i + 1) % (r + 1) == 0.")])
 
 
 EXERCISES = [
     Exercise("modern.mla_cache_bytes",
              "mla_cache_bytes(num_layers, num_heads, kv_latent_dim, rope_dim, bytes_per_value) -> int per token",
-             _mla_bytes_cases, _mla_bytes_expected, _mla_bytes_solution, _mla_bytes_hint, atol=0, rtol=0),
+             _mla_bytes_cases, _mla_bytes_expected, _mla_bytes_solution, _mla_bytes_hint, atol=0, rtol=0,
+             conditions=_MLA_BYTES_CONDITIONS, exclusive=_MLA_BYTES_EXCLUSIVE),
     Exercise("modern.absorbed_query_weight",
              "absorbed_query_weight(W_q (H*d_h, E), W_uk (H*d_h, d_c), num_heads) -> (H, d_c, E)",
-             _absorbed_cases, _absorbed_expected, _absorbed_solution, _absorbed_hint),
+             _absorbed_cases, _absorbed_expected, _absorbed_solution, _absorbed_hint,
+             conditions=_ABSORBED_CONDITIONS, exclusive=_ABSORBED_EXCLUSIVE),
     Exercise("modern.delta_rule_step",
              "delta_rule_step(state (..., d_v, d_k), key (..., d_k), value (..., d_v), beta (...), gate (...)) "
-             "-> new state (..., d_v, d_k)",
-             _delta_cases, _delta_rule_step, _delta_solution, _delta_hint),
+             "-> new state (..., d_v, d_k); state may be updated in place (then return it)",
+             _delta_cases, _delta_rule_step, _delta_solution, _delta_hint, may_modify=(0, "state"),
+             conditions=_DELTA_CONDITIONS, exclusive=_DELTA_EXCLUSIVE),
     Exercise("modern.causal_linear_attention",
              "causal_linear_attention(query, key, value) -> (..., L, d_v), with phi(x) = elu(x) + 1, "
-             "without an L x L matrix",
-             _linear_cases, _linear_attention, _linear_solution, _linear_hint, verify=_linear_verify),
+             "with torch operations, without an L x L matrix, work linear in L",
+             _linear_cases, _linear_attention, _linear_solution, _linear_hint, verify=_LINEAR_VERIFY,
+             conditions=_LINEAR_CONDITIONS, exclusive=_LINEAR_EXCLUSIVE),
     Exercise("modern.indexer_topk_mask",
              "indexer_topk_mask(scores (B, L, L), k) -> (B, L, L) bool: each query's k best keys, causally",
-             _topk_mask_cases, _topk_mask_expected, _topk_mask_solution, _topk_mask_hint),
+             _topk_mask_cases, _topk_mask_expected, _topk_mask_solution, _topk_mask_hint,
+             conditions=_TOPK_MASK_CONDITIONS, exclusive=_TOPK_MASK_EXCLUSIVE),
     Exercise("modern.global_layers",
              "global_layers(num_layers, local_per_global) -> (num_layers,) bool, True = global",
-             _global_cases, _global_layers, _global_solution, _global_hint),
+             _global_cases, _global_layers, _global_solution, _global_hint,
+             conditions=_GLOBAL_CONDITIONS, exclusive=_GLOBAL_EXCLUSIVE),
 ]

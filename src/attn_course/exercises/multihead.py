@@ -2,7 +2,9 @@
 pass from its weights, parameter and cache counts.
 
 Expected answers come from package functions bound here at import time. Above each
-exercise, a comment lists the mistakes learners make; a case catches each one.
+exercise, a comment lists the mistakes learners make; a case catches each one, and a hint
+names a mistake only when the answer is that mistake (``_core.Hint``). Each exercise's
+``conditions`` list what its statement names; floating inputs run in float32 and float64.
 """
 
 from __future__ import annotations
@@ -17,7 +19,17 @@ from ..multihead import kv_cache_bytes as _kv_cache_bytes
 from ..multihead import masks_from_torch as _masks_from_torch
 from ..multihead import merge_heads as _merge_heads
 from ..multihead import split_heads as _split_heads
-from ._core import Case, Exercise, finite, matches
+from ._core import (
+    Case,
+    Exercise,
+    agrees,
+    builds_nothing,
+    fact,
+    factor_hint,
+    finite,
+    first_match,
+    in_both_precisions,
+)
 
 
 def _gen(seed: int) -> torch.Generator:
@@ -48,14 +60,29 @@ def _merge_solution(x):
 
 def _split_cases():
     g = _gen(40)
-    return [Case(f"x of shape {s}, {h} heads", (torch.randn(*s, generator=g), h))
-            for s, h in (((2, 5, 12), 3), ((1, 4, 8), 1), ((3, 2, 16), 8), ((2, 6, 6), 2))]
+    return in_both_precisions([Case(f"x of shape {s}, {h} heads", (torch.randn(*s, generator=g), h))
+                               for s, h in (((2, 5, 12), 3), ((1, 4, 8), 1), ((3, 2, 16), 8), ((2, 6, 6), 2),
+                                            ((1, 3, 4), 4))])
 
 
 def _merge_cases():
     g = _gen(41)
-    return [Case(f"x of shape {s}", (torch.randn(*s, generator=g),))
-            for s in ((2, 3, 5, 4), (1, 1, 4, 8), (3, 8, 2, 2))]
+    return in_both_precisions([Case(f"x of shape {s}", (torch.randn(*s, generator=g),))
+                               for s in ((2, 3, 5, 4), (1, 1, 4, 8), (3, 8, 2, 2), (2, 4, 3, 1))])
+
+
+_SPLIT_CONDITIONS = {
+    "one head": lambda x, h: h == 1,
+    "several heads": lambda x, h: h > 1,
+    "heads of width 2 or less": lambda x, h: x.shape[-1] // h <= 2,
+}
+_SPLIT_EXCLUSIVE = (("one head", "several heads"), ("one head", "heads of width 2 or less"))
+_MERGE_CONDITIONS = {
+    "one head": lambda x: x.shape[1] == 1,
+    "several heads": lambda x: x.shape[1] > 1,
+    "heads of width 2 or less": lambda x: x.shape[-1] <= 2,
+}
+_MERGE_EXCLUSIVE = (("one head", "several heads"), ("one head", "heads of width 2 or less"))
 
 
 def _split_hint(case, got, expected):
@@ -64,15 +91,18 @@ def _split_hint(case, got, expected):
     if not isinstance(got, torch.Tensor):
         return None
     if tuple(got.shape) == (B, L, h, E // h) and (B, L, h, E // h) != tuple(expected.shape):
-        return "that is (B, L, H, d): move the head axis in front of the positions with .transpose(1, 2)."
+        return first_match(got, expected, [(x.reshape(B, L, h, E // h), "that is (B, L, H, d): move the "
+                                             "head axis in front of the positions with .transpose(1, 2).")],
+                           atol=0, rtol=0) or fact("your result is (B, L, H, d)-shaped: the head axis goes "
+                                                   "in front of the positions, (B, H, L, d).")
     if got.shape != expected.shape:
         return None
-    if matches(got, x.reshape(B, h, L, E // h), expected, atol=0, rtol=0):
-        return ("reshape to (B, L, H, d) first, then transpose: reshaping straight to (B, H, L, d) "
-                "mixes positions and heads.")
-    if matches(got, x.reshape(B, L, E // h, h).permute(0, 3, 1, 2), expected, atol=0, rtol=0):
-        return "head h gets the contiguous features h*d .. (h+1)*d - 1, not every H-th feature."
-    return None
+    return first_match(got, expected, [
+        (x.reshape(B, h, L, E // h), "reshape to (B, L, H, d) first, then transpose: reshaping straight "
+                                     "to (B, H, L, d) mixes positions and heads."),
+        (x.reshape(B, L, E // h, h).permute(0, 3, 1, 2), "head h gets the contiguous features "
+                                                         "h*d .. (h+1)*d - 1, not every H-th feature.")],
+        atol=0, rtol=0)
 
 
 def _merge_hint(case, got, expected):
@@ -80,11 +110,10 @@ def _merge_hint(case, got, expected):
     B, H, L, d = x.shape
     if not isinstance(got, torch.Tensor) or got.shape != expected.shape:
         return None
-    if matches(got, x.reshape(B, L, H * d), expected, atol=0, rtol=0):
-        return "transpose back to (B, L, H, d) before reshaping to (B, L, H * d)."
-    if matches(got, x.permute(0, 2, 3, 1).reshape(B, L, H * d), expected, atol=0, rtol=0):
-        return "keep each head's d features together: x.transpose(1, 2), then reshape."
-    return None
+    return first_match(got, expected, [
+        (x.reshape(B, L, H * d), "transpose back to (B, L, H, d) before reshaping to (B, L, H * d)."),
+        (x.permute(0, 2, 3, 1).reshape(B, L, H * d), "keep each head's d features together: "
+                                                     "x.transpose(1, 2), then reshape.")], atol=0, rtol=0)
 
 
 # --- multihead.masks_from_torch ------------------------------------------------------------------------
@@ -107,28 +136,40 @@ def _masks_cases():
         cases.append(Case(f"attn_mask ({L_q}, {L_k}), key_padding_mask ({B}, {L_k})", (attn, pad)))
     causal = torch.ones(4, 4, dtype=torch.bool).triu(1)
     cases.append(Case("a causal attn_mask, no padding", (causal, torch.zeros(2, 4, dtype=torch.bool))))
+    cases.append(Case("attn_mask (2, 5), no padding", (torch.rand(2, 5, generator=g) > 0.5,
+                                                        torch.zeros(3, 5, dtype=torch.bool))))
+    pad = torch.tensor([[False, False, True, True, True], [False] * 5])
+    cases.append(Case("a causal attn_mask (5, 5) and padding", (torch.ones(5, 5, dtype=torch.bool).triu(1), pad)))
     return cases
+
+
+_MASKS_CONDITIONS = {
+    "padding": lambda a, p: bool(p.any()),
+    "no padding": lambda a, p: not bool(p.any()),
+    "L_q != L_k": lambda a, p: a.shape[0] != a.shape[1],
+    "a causal attn_mask": lambda a, p: a.shape[0] == a.shape[1] and torch.equal(a, torch.ones_like(a).triu(1)),
+    "a batch of several": lambda a, p: p.shape[0] > 1,
+}
+_MASKS_EXCLUSIVE = (("padding", "no padding"), ("L_q != L_k", "a causal attn_mask"))
 
 
 def _masks_hint(case, got, expected):
     attn, pad = case.args
-    if not isinstance(got, torch.Tensor):
+    if not isinstance(got, torch.Tensor) or got.dtype != torch.bool:
         return None
-    if got.dtype != torch.bool:
-        return "return a bool tensor."
     if got.ndim == 3 and got.shape == expected.shape[:1] + expected.shape[2:]:
-        return "add a head axis of size 1: (B, 1, L_q, L_k) broadcasts over the heads."
+        return first_match(got, expected, [(expected[:, 0], "add a head axis of size 1: (B, 1, L_q, L_k) "
+                                                            "broadcasts over the heads.")]) \
+            or fact("your mask has no head axis: return (B, 1, L_q, L_k), which broadcasts over the heads.")
     if got.shape != expected.shape:
-        return "shape (B, 1, L_q, L_k): attn_mask goes to [None, None, :, :], key_padding_mask to [:, None, None, :]."
+        return fact("return the shape (B, 1, L_q, L_k): attn_mask goes to [None, None, :, :], "
+                    "key_padding_mask to [:, None, None, :].")
     a, p = attn[None, None], pad[:, None, None]
-    for variant, text in (
-            (a | p, "torch's True means 'masked out'; ours means 'may attend': invert both masks."),
-            ((~a) & p, "invert the key_padding_mask too: torch's True marks the padding."),
-            (a & ~p, "invert the attn_mask too: torch's True marks what is blocked."),
-            ((~a) | (~p), "a key is allowed only if BOTH masks allow it: combine with &, not |.")):
-        if torch.equal(got, variant) and not torch.equal(variant, expected):
-            return text
-    return None
+    return first_match(got, expected, [
+        (a | p, "torch's True means 'masked out'; ours means 'may attend': invert both masks."),
+        ((~a) & p, "invert the key_padding_mask too: torch's True marks the padding."),
+        (a & ~p, "invert the attn_mask too: torch's True marks what is blocked."),
+        ((~a) | (~p), "a key is allowed only if BOTH masks allow it: combine with &, not |.")])
 
 
 # --- multihead.multihead_forward -----------------------------------------------------------------------
@@ -163,11 +204,23 @@ def _mha_cases():
     g = _gen(43)
     r = lambda *s: torch.randn(*s, generator=g)  # noqa: E731
     cases = []
-    for B, L_q, L_k, E, H in ((2, 5, 5, 12, 3), (1, 3, 6, 8, 2), (2, 4, 4, 8, 8), (1, 2, 3, 6, 1)):
+    for B, L_q, L_k, E, H in ((2, 5, 5, 12, 3), (1, 3, 6, 8, 2), (2, 4, 4, 8, 8), (2, 2, 1, 6, 1),
+                              (2, 3, 1, 4, 4)):
         W = [r(E, E) / math.sqrt(E) for _ in range(4)]
         cases.append(Case(f"query ({B}, {L_q}, {E}), key/value ({B}, {L_k}, {E}), {H} heads",
                           (r(B, L_q, E), r(B, L_k, E), r(B, L_k, E), *W, H)))
-    return cases
+    return in_both_precisions(cases)
+
+
+_MHA_CONDITIONS = {
+    "L_q != L_k": lambda q, k, v, *W: q.shape[1] != k.shape[1],
+    "one head": lambda q, k, v, *W: W[-1] == 1,
+    "several heads": lambda q, k, v, *W: W[-1] > 1,
+    "heads of width 1 (num_heads = E)": lambda q, k, v, *W: W[-1] == q.shape[-1],
+    "a batch of several": lambda q, k, v, *W: q.shape[0] > 1,
+    "a single key": lambda q, k, v, *W: k.shape[1] == 1,
+}
+_MHA_EXCLUSIVE = (("one head", "several heads"), ("one head", "heads of width 1 (num_heads = E)"))
 
 
 def _mha_variant(query, key, value, W_q, W_k, W_v, W_o, H, *, scale="d", transpose_w=True,
@@ -192,9 +245,11 @@ def _mha_variant(query, key, value, W_q, W_k, W_v, W_o, H, *, scale="d", transpo
 
 def _mha_hint(case, got, expected):
     args = tuple(t.double() if isinstance(t, torch.Tensor) else t for t in case.args)
-    H = args[-1]
+    if isinstance(got, (tuple, list)) and len(got) == 2 and agrees(got[0], expected):
+        return fact("your first item is the output: return the output tensor alone, not (output, weights).")
     if not isinstance(got, torch.Tensor) or got.shape != expected.shape or not finite(got):
         return None
+    pairs = []
     for kwargs, text in (
             ({"scale": "E"}, "each head's scores are divided by sqrt(d), d = E / num_heads, the head's "
                              "width, not sqrt(E)."),
@@ -205,11 +260,10 @@ def _mha_hint(case, got, expected):
             ({"out_proj": False}, "finish with the output projection W_o."),
             ({"transpose_w": False}, "the weights are (out, in) as in nn.Linear: project with x @ W.T."),
             ({"dim": -2}, "the softmax goes over the keys, the last axis.")):
-        if matches(got, _mha_variant(*args, **kwargs), expected):
-            return text
-    if H > 1 and matches(got, _mha_variant(*args[:-1], 1), expected):
-        return "split into num_heads heads: one head of width E is a different function."
-    return None
+        pairs.append((_mha_variant(*args, **kwargs), text))
+    pairs.append((_mha_variant(*args[:-1], 1), "split into num_heads heads: one head of width E is a "
+                                               "different function."))
+    return first_match(got, expected, pairs)
 
 
 # --- multihead.mha_parameter_count -------------------------------------------------------------------
@@ -231,25 +285,32 @@ def _params_expected(embed_dim, num_heads, kdim, vdim, bias):
 def _params_cases():
     return [Case(f"embed_dim={E}, num_heads={H}, kdim={k}, vdim={v}, bias={b}", (E, H, k, v, b))
             for E, H, k, v, b in ((64, 8, 64, 64, True), (64, 1, 64, 64, True), (48, 4, 16, 32, True),
-                                  (32, 2, 32, 32, False), (12, 3, 5, 7, False))]
+                                  (32, 2, 32, 32, False), (12, 3, 5, 7, False), (16, 1, 40, 24, False))]
+
+
+_PARAMS_CONDITIONS = {
+    "biases": lambda E, H, k, v, b: b,
+    "no biases": lambda E, H, k, v, b: not b,
+    "kdim and vdim differ from embed_dim and from each other": lambda E, H, k, v, b: len({E, k, v}) == 3,
+    "one head": lambda E, H, k, v, b: H == 1,
+    "several heads": lambda E, H, k, v, b: H > 1,
+}
+_PARAMS_EXCLUSIVE = (("biases", "no biases"), ("one head", "several heads"))
 
 
 def _params_hint(case, got, expected):
     E, H, k, v, bias = case.args
     got = _number(got)
-    if got is None or got == expected:
+    if got is None:
         return None
-    if got == expected - E * E - (E if bias else 0):
-        return "you left out the output projection W_O (E x E, plus its bias)."
-    if bias and got == expected - 4 * E:
-        return "each of the four projections has a bias of size E."
-    if not bias and got == expected + 4 * E:
-        return "bias=False: no biases at all."
-    if (k, v) != (E, E) and got in (4 * E * E + (4 * E if bias else 0), 4 * E * E + 4 * E, 4 * E * E):
-        return "W_K maps kdim features to E, and W_V maps vdim features to E."
-    if H > 1 and got == expected * H:
-        return "the number of heads does not change the count: heads split E, they do not add weights."
-    return None
+    b = 4 * E if bias else 0
+    return first_match(got, expected, [
+        (expected - E * E - (E if bias else 0), "you left out the output projection W_O (E x E, plus its bias)."),
+        (expected - 4 * E if bias else None, "each of the four projections has a bias of size E."),
+        (expected + 4 * E if not bias else None, "bias=False: no biases at all."),
+        (4 * E * E + b, "W_K maps kdim features to E, and W_V maps vdim features to E."),
+        (expected * H, "the number of heads does not change the count: heads split E, they do not add "
+                       "weights.")], atol=0, rtol=0)
 
 
 # --- multihead.kv_cache_bytes ------------------------------------------------------------------------
@@ -265,7 +326,18 @@ def _cache_cases():
     return [Case(f"layers={a}, kv heads={b}, head_dim={c}, seq_len={d}, batch={e}, bytes={f}",
                  (a, b, c, d, e, f))
             for a, b, c, d, e, f in ((32, 32, 128, 4096, 1, 2), (32, 8, 128, 4096, 1, 2),
-                                     (24, 1, 64, 2048, 4, 2), (2, 4, 16, 10, 3, 4))]
+                                     (24, 1, 64, 2048, 4, 2), (2, 4, 16, 10, 3, 4), (3, 2, 8, 5, 2, 1),
+                                     (4, 1, 32, 7, 1, 1))]
+
+
+_CACHE_CONDITIONS = {
+    "one KV head": lambda n, g, d, L, B, s: g == 1,
+    "a batch of several": lambda n, g, d, L, B, s: B > 1,
+    "a batch of one": lambda n, g, d, L, B, s: B == 1,
+    "one byte per value (8-bit)": lambda n, g, d, L, B, s: s == 1,
+    "several bytes per value": lambda n, g, d, L, B, s: s > 1,
+}
+_CACHE_EXCLUSIVE = (("a batch of several", "a batch of one"), ("one byte per value (8-bit)", "several bytes per value"))
 
 
 def _cache_hint(case, got, expected):
@@ -273,38 +345,41 @@ def _cache_hint(case, got, expected):
     got = _number(got)
     if got is None or got == expected:
         return None
-    # every missing factor that explains the answer (two may coincide, e.g. 2 bytes per value)
-    fits = [text for factor, text in ((2, "the cache holds keys AND values: count both"),
-                                      (n, "every layer has its own cache: multiply by num_layers"),
-                                      (B, "every sequence in the batch has its own cache: multiply by "
-                                          "batch_size"),
-                                      (s, "count bytes, not values: multiply by bytes_per_value"))
-            if factor > 1 and got * factor == expected]
-    if len(fits) == 1:
-        return fits[0] + "."
-    if fits:
-        return "one factor is missing, and here several fit: " + "; or ".join(fits) + "."
-    return None
+    # every mistake whose number is the answer (two may coincide, e.g. 2 bytes per value)
+    return factor_hint(got, expected, ((1 / 2, "the cache holds keys AND values: count both"),
+                                       (1 / n, "every layer has its own cache: multiply by num_layers"),
+                                       (1 / B, "every sequence in the batch has its own cache: multiply by "
+                                               "batch_size"),
+                                       (1 / s, "count bytes, not values: multiply by bytes_per_value"),
+                                       (8, "that counts bits: the answer is in bytes (8 bits each)")))
 
 
 EXERCISES = [
     Exercise("multihead.split_heads", "split_heads(x (B, L, E), num_heads) -> (B, H, L, E / H)",
-             _split_cases, _split_heads, _split_solution, _split_hint),
+             _split_cases, _split_heads, _split_solution, _split_hint,
+             conditions=_SPLIT_CONDITIONS, exclusive=_SPLIT_EXCLUSIVE),
     Exercise("multihead.merge_heads", "merge_heads(x (B, H, L, d)) -> (B, L, H * d)",
-             _merge_cases, _merge_heads, _merge_solution, _merge_hint),
+             _merge_cases, _merge_heads, _merge_solution, _merge_hint,
+             conditions=_MERGE_CONDITIONS, exclusive=_MERGE_EXCLUSIVE),
     Exercise("multihead.masks_from_torch",
              "masks_from_torch(attn_mask (L_q, L_k), key_padding_mask (B, L_k)) -> "
              "bool mask (B, 1, L_q, L_k), True = may attend",
-             _masks_cases, _masks_from_torch, _masks_solution, _masks_hint),
+             _masks_cases, _masks_from_torch, _masks_solution, _masks_hint,
+             conditions=_MASKS_CONDITIONS, exclusive=_MASKS_EXCLUSIVE),
     Exercise("multihead.multihead_forward",
              "multihead_forward(query (B, L_q, E), key (B, L_k, E), value (B, L_k, E), W_q, W_k, W_v, "
-             "W_o (E, E) each, num_heads) -> (B, L_q, E), no biases",
-             _mha_cases, _mha_expected, _mha_solution, _mha_hint),
+             "W_o (E, E) each, num_heads) -> the output tensor (B, L_q, E) alone (not a tuple), no biases",
+             _mha_cases, _mha_expected, _mha_solution, _mha_hint,
+             conditions=_MHA_CONDITIONS, exclusive=_MHA_EXCLUSIVE),
     Exercise("multihead.mha_parameter_count",
-             "mha_parameter_count(embed_dim, num_heads, kdim, vdim, bias) -> int",
-             _params_cases, _params_expected, _params_solution, _params_hint, atol=0, rtol=0),
+             "mha_parameter_count(embed_dim, num_heads, kdim, vdim, bias) -> int, derived without "
+             "building a module",
+             _params_cases, _params_expected, _params_solution, _params_hint, atol=0, rtol=0,
+             verify=builds_nothing(lambda case: case.args[0] ** 2, what="a module's parameters"),
+             conditions=_PARAMS_CONDITIONS, exclusive=_PARAMS_EXCLUSIVE),
     Exercise("multihead.kv_cache_bytes",
              "kv_cache_bytes(num_layers, num_kv_heads, head_dim, seq_len, batch_size, "
              "bytes_per_value) -> int",
-             _cache_cases, _kv_cache_bytes, _cache_solution, _cache_hint, atol=0, rtol=0),
+             _cache_cases, _kv_cache_bytes, _cache_solution, _cache_hint, atol=0, rtol=0,
+             conditions=_CACHE_CONDITIONS, exclusive=_CACHE_EXCLUSIVE),
 ]

@@ -2,7 +2,9 @@
 ALiBi slopes, relative distance indices.
 
 Expected answers come from package functions bound here at import time. Above each
-exercise, a comment lists the mistakes learners make; a case catches each one.
+exercise, a comment lists the mistakes learners make; a case catches each one, and a hint
+names a mistake only when the answer is that mistake (``_core.Hint``). Each exercise's
+``conditions`` list what its statement names; floating inputs run in float32 and float64.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ from ..positional import alibi_slopes as _alibi_slopes
 from ..positional import apply_rope as _apply_rope
 from ..positional import relative_position_index as _relative_position_index
 from ..positional import sinusoidal_encoding as _sinusoidal_encoding
-from ._core import Case, Exercise, finite, matches
+from ._core import Case, Exercise, finite, first_match, generic, in_both_precisions
 
 
 def _gen(seed: int) -> torch.Generator:
@@ -51,7 +53,18 @@ def _sin_solution(length, dim):
 
 
 def _sin_cases():
-    return [Case(f"length {L}, dim {d}", (L, d)) for L, d in ((4, 2), (10, 8), (50, 16), (7, 64))]
+    return [Case(f"length {L}, dim {d}", (L, d)) for L, d in ((4, 2), (10, 8), (50, 16), (7, 64), (60, 2),
+                                                              (1, 2), (45, 64), (1, 64))]
+
+
+_SIN_CONDITIONS = {
+    "dim 2 (one frequency)": lambda L, d: d == 2,
+    "dim 64 (wavelengths up to 2 pi 10000)": lambda L, d: d >= 64,
+    "positions beyond 40": lambda L, d: L > 40,
+    "a single position": lambda L, d: L == 1,
+}
+_SIN_EXCLUSIVE = (("dim 2 (one frequency)", "dim 64 (wavelengths up to 2 pi 10000)"),
+                  ("positions beyond 40", "a single position"))
 
 
 def _sin_hint(case, got, expected):
@@ -59,7 +72,7 @@ def _sin_hint(case, got, expected):
     if not isinstance(got, torch.Tensor) or got.shape != expected.shape or not finite(got):
         return None
     p = torch.arange(L)
-    for variant, text in (
+    return first_match(got, expected, [
             (_table(p, d, swap=True), "sine goes in the even columns (2i), cosine in the odd ones (2i+1)."),
             (_table(p, d, exponent="i/d"), "the exponent is 2i/dim, where i counts pairs: use "
                                            "torch.arange(0, dim, 2) / dim."),
@@ -67,10 +80,7 @@ def _sin_hint(case, got, expected):
                                             "same frequency, as in the paper's formula. All sines, then "
                                             "all cosines is the same table with its columns permuted "
                                             "(as usable in a model), but not this formula."),
-            (_table(p + 1, d), "positions start at 0.")):
-        if matches(got, variant, expected, atol=1e-4):
-            return text
-    return None
+            (_table(p + 1, d), "positions start at 0.")], atol=1e-4)
 
 
 # --- positional.apply_rope --------------------------------------------------------------------------
@@ -97,12 +107,24 @@ def _rope_expected(x, positions):
 
 def _rope_cases():
     g = _gen(50)
-    return [
+    return in_both_precisions([
         Case("one pair at position 1", (torch.tensor([[1.0, 0.0]]), torch.tensor([1]))),
         Case("x (4, 8), positions 0..3", (torch.randn(4, 8, generator=g), torch.arange(4))),
         Case("x (2, 5, 6), positions 3, 5, 7, 9, 11", (torch.randn(2, 5, 6, generator=g), torch.arange(3, 12, 2))),
         Case("x (3, 16), positions 100, 0, 37", (torch.randn(3, 16, generator=g), torch.tensor([100, 0, 37]))),
-    ]
+        Case("heads: x (2, 3, 4, 2), one pair, positions 250 .. 253",
+             (torch.randn(2, 3, 4, 2, generator=g), torch.arange(250, 254))),
+    ])
+
+
+_ROPE_CONDITIONS = {
+    "one pair (d = 2)": lambda x, p: x.shape[-1] == 2,
+    "several pairs": lambda x, p: x.shape[-1] > 2,
+    "positions other than 0 .. L-1": lambda x, p: not torch.equal(p, torch.arange(len(p))),
+    "positions of 100 or more": lambda x, p: bool((p >= 100).any()),
+    "leading (batch, head) axes": lambda x, p: x.ndim > 2,
+}
+_ROPE_EXCLUSIVE = (("one pair (d = 2)", "several pairs"),)
 
 
 def _rope_variant(x, pos, *, sign=1.0, layout="interleaved", exponent="2i/d", sequential=False):
@@ -123,6 +145,7 @@ def _rope_hint(case, got, expected):
     x, pos = case.args
     if not isinstance(got, torch.Tensor) or got.shape != expected.shape or not finite(got):
         return None
+    pairs = []
     for kwargs, text in (
             ({"sign": -1.0}, "you rotate the wrong way: (x0, x1) -> (x0 cos - x1 sin, x0 sin + x1 cos)."),
             ({"layout": "halves"}, "that is the rotate-half layout (GPT-NeoX, Hugging Face Llama), which "
@@ -133,11 +156,9 @@ def _rope_hint(case, got, expected):
             ({"exponent": "i/d"}, "pair i turns by position * 10000**(-2i/d): use torch.arange(0, d, 2) / d."),
             ({"sequential": True}, "compute both new coordinates from the OLD pair: you overwrote x_2i "
                                    "before using it for x_2i+1.")):
-        if matches(got, _rope_variant(x, pos, **kwargs), expected, atol=1e-4):
-            return text
-    if matches(got, _rope_variant(x, torch.arange(x.shape[-2])), expected, atol=1e-4):
-        return "use the positions you are given, not 0 .. L-1."
-    return None
+        pairs.append((_rope_variant(x, pos, **kwargs), text))
+    pairs.append((_rope_variant(x, torch.arange(x.shape[-2])), "use the positions you are given, not 0 .. L-1."))
+    return first_match(got, expected, pairs, atol=1e-4)
 
 
 # --- positional.rope_scores -------------------------------------------------------------------------
@@ -168,7 +189,7 @@ def _rs_cases():
     g = _gen(51)
     r = lambda *s: torch.randn(*s, generator=g)  # noqa: E731
     q, k = r(3, 16), r(6, 16)
-    return [
+    return in_both_precisions([
         Case("q (4, 8) at positions 4..7, k (4, 8) at 0..3",
              (r(4, 8), r(4, 8), torch.arange(4, 8), torch.arange(4))),
         Case("a decoding step: one query at position 7, keys at 0..7",
@@ -178,7 +199,18 @@ def _rs_cases():
              (q.clone(), k.clone(), torch.arange(105, 108), torch.arange(102, 108))),
         Case("heads: q and k (2, 2, 5, 8) at positions 10..14",
              (r(2, 2, 5, 8), r(2, 2, 5, 8), torch.arange(10, 15), torch.arange(10, 15))),
-    ]
+        Case("heads, a decoding step: one query (2, 2, 1, 8) at position 105, keys at 100..105",
+             (r(2, 2, 1, 8), r(2, 2, 6, 8), torch.tensor([105]), torch.arange(100, 106))),
+    ])
+
+
+_RS_CONDITIONS = {
+    "a decoding step (one query, at the last key's position)": lambda q, k, pq, pk: len(pq) == 1 and int(pq[0]) == int(pk[-1]),
+    "L_q != L_k": lambda q, k, pq, pk: q.shape[-2] != k.shape[-2],
+    "positions of 100 or more": lambda q, k, pq, pk: bool((pq >= 100).all() and (pk >= 100).all()),
+    "leading (batch, head) axes": lambda q, k, pq, pk: q.ndim > 2,
+    "query positions other than 0 .. L_q-1": lambda q, k, pq, pk: not torch.equal(pq, torch.arange(len(pq))),
+}
 
 
 def _rs_hint(case, got, expected):
@@ -209,10 +241,7 @@ def _rs_hint(case, got, expected):
         variants.append((scores(rot(q, torch.arange(len(pq))), rot(k, pk)),
                          "a query's position is its place in the sequence (here q_positions), not its "
                          "index among the queries: in a decoding step the one query sits at the end."))
-    for variant, text in variants:
-        if matches(got, variant, expected, atol=1e-4):
-            return text
-    return None
+    return first_match(got, expected, variants, atol=1e-4)
 
 
 # --- positional.alibi_slopes ------------------------------------------------------------------------
@@ -234,18 +263,25 @@ def _alibi_cases():
     return [Case(f"{n} heads", (n,)) for n in (1, 2, 4, 8, 16, 6, 12, 3)]
 
 
+_ALIBI_CONDITIONS = {
+    "one head": lambda n: n == 1,
+    "a power of two above 1": lambda n: n > 1 and n & (n - 1) == 0,
+    "not a power of two": lambda n: n & (n - 1) != 0,
+}
+_ALIBI_EXCLUSIVE = (("one head", "a power of two above 1"), ("one head", "not a power of two"),
+                    ("a power of two above 1", "not a power of two"))
+
+
 def _alibi_hint(case, got, expected):
     n = case.args[0]
     if not isinstance(got, torch.Tensor) or got.shape != expected.shape or not finite(got):
         return None
     plain = torch.tensor([2 ** (-8 * (k + 1) / n) for k in range(n)], dtype=torch.float64)
     from_zero = torch.tensor([2 ** (-8 * k / n) for k in range(n)], dtype=torch.float64)
-    if matches(got, plain, expected):
-        return ("for a head count that is not a power of two, take the slopes of the largest power "
-                "of two below it, then every other slope of twice that many heads.")
-    if matches(got, from_zero, expected):
-        return "count k from 1: the slopes are 2**(-8k/n) for k = 1 .. n (the first is below 1)."
-    return None
+    return first_match(got, expected, [
+        (plain, "for a head count that is not a power of two, take the slopes of the largest power "
+                "of two below it, then every other slope of twice that many heads."),
+        (from_zero, "count k from 1: the slopes are 2**(-8k/n) for k = 1 .. n (the first is below 1).")])
 
 
 # --- positional.relative_position_index ---------------------------------------------------------------
@@ -258,7 +294,19 @@ def _rel_solution(length_q, length_k, max_distance):
 
 def _rel_cases():
     return [Case(f"L_q={a}, L_k={b}, max_distance={k}", (a, b, k))
-            for a, b, k in ((3, 3, 1), (5, 5, 2), (4, 7, 3), (6, 2, 1), (8, 8, 10))]
+            for a, b, k in ((3, 3, 1), (5, 5, 2), (4, 7, 3), (6, 2, 1), (8, 8, 10), (3, 9, 12), (1, 4, 2), (5, 2, 6),
+                              (1, 3, 5))]
+
+
+_REL_CONDITIONS = {
+    "L_q < L_k": lambda a, b, k: a < b,
+    "L_q > L_k": lambda a, b, k: a > b,
+    "distances clipped": lambda a, b, k: max(a, b) - 1 > k,
+    "max_distance beyond every distance (no clipping)": lambda a, b, k: max(a, b) - 1 <= k,
+    "a single query": lambda a, b, k: a == 1,
+}
+_REL_EXCLUSIVE = (("L_q < L_k", "L_q > L_k"), ("distances clipped", "max_distance beyond every distance (no clipping)"),
+                  ("a single query", "L_q > L_k"))
 
 
 def _rel_hint(case, got, expected):
@@ -266,27 +314,30 @@ def _rel_hint(case, got, expected):
     if not isinstance(got, torch.Tensor) or got.shape != expected.shape or got.is_floating_point():
         return None
     dist = torch.arange(Lk)[None, :] - torch.arange(Lq)[:, None]
-    for variant, text in (
-            (2 * k - expected, "the distance is j - i (key minus query), not i - j."),
-            (dist + k, "clip the distance to [-max_distance, max_distance] before adding max_distance."),
-            (dist.clamp(-k, k), "add max_distance so that the indices start at 0.")):
-        if torch.equal(got.cpu(), variant) and not torch.equal(variant, expected):
-            return text
-    return "the rule: index = clip(j - i, -max_distance, max_distance) + max_distance, as int64."
+    return first_match(got, expected, [
+        (2 * k - expected, "the distance is j - i (key minus query), not i - j."),
+        (dist + k, "clip the distance to [-max_distance, max_distance] before adding max_distance."),
+        (dist.clamp(-k, k), "add max_distance so that the indices start at 0.")]) \
+        or generic("the rule: index = clip(j - i, -max_distance, max_distance) + max_distance, as int64.")
 
 
 EXERCISES = [
     Exercise("positional.sinusoidal_encoding", "sinusoidal_encoding(length, dim) -> (length, dim), base 10000",
-             _sin_cases, _sinusoidal_encoding, _sin_solution, _sin_hint, atol=1e-5),
+             _sin_cases, _sinusoidal_encoding, _sin_solution, _sin_hint, atol=1e-5,
+             conditions=_SIN_CONDITIONS, exclusive=_SIN_EXCLUSIVE),
     Exercise("positional.apply_rope", "apply_rope(x (..., L, d), positions (L,)) -> rotated x, base 10000",
-             _rope_cases, _rope_expected, _rope_solution, _rope_hint, atol=1e-5),
+             _rope_cases, _rope_expected, _rope_solution, _rope_hint, atol=1e-5,
+             conditions=_ROPE_CONDITIONS, exclusive=_ROPE_EXCLUSIVE),
     Exercise("positional.rope_scores",
              "rope_scores(q (..., L_q, d), k (..., L_k, d), q_positions (L_q,), k_positions (L_k,)) "
              "-> scores (..., L_q, L_k) = rope(q) rope(k)^T / sqrt(d)",
-             _rs_cases, _rs_expected, _rs_solution, _rs_hint, atol=1e-4, rtol=1e-4),
+             _rs_cases, _rs_expected, _rs_solution, _rs_hint, atol=1e-4, rtol=1e-4,
+             conditions=_RS_CONDITIONS),
     Exercise("positional.alibi_slopes", "alibi_slopes(num_heads) -> (num_heads,) float tensor",
-             _alibi_cases, _alibi_slopes, _alibi_solution, _alibi_hint),
+             _alibi_cases, _alibi_slopes, _alibi_solution, _alibi_hint,
+             conditions=_ALIBI_CONDITIONS, exclusive=_ALIBI_EXCLUSIVE),
     Exercise("positional.relative_position_index",
              "relative_position_index(length_q, length_k, max_distance) -> (L_q, L_k) int64",
-             _rel_cases, _relative_position_index, _rel_solution, _rel_hint),
+             _rel_cases, _relative_position_index, _rel_solution, _rel_hint,
+             conditions=_REL_CONDITIONS, exclusive=_REL_EXCLUSIVE),
 ]

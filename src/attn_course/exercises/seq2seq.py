@@ -1,7 +1,9 @@
 """Exercises: padding and causal masks, cross-attention, one step of an attentive decoder.
 
 Expected answers come from package functions bound here at import time. Above each
-exercise, a comment lists the mistakes learners make; a case catches each one.
+exercise, a comment lists the mistakes learners make; a case catches each one, and a hint
+names a mistake only when the answer is that mistake (``_core.Hint``). Each exercise's
+``conditions`` list what its statement names; floating inputs run in float32 and float64.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ import torch
 from ..basics import scaled_dot_product_attention as _sdpa
 from ..seq2seq import causal_mask as _causal_mask
 from ..seq2seq import padding_mask as _padding_mask
-from ._core import Case, Exercise, close, finite, matches
+from ._core import Case, Exercise, close, fact, finite, first_match, in_both_precisions
 
 _INF = float("-inf")
 
@@ -34,18 +36,27 @@ def _pad_solution(lengths, max_length):
 
 def _pad_cases():
     return [Case(f"lengths {lst}, max_length {m}", (torch.tensor(lst), m))
-            for lst, m in (([3, 1], 4), ([5, 5, 2], 5), ([0, 2], 3), ([1], 1), ([2, 7, 4], 9))]
+            for lst, m in (([3, 1], 4), ([5, 5, 2], 5), ([0, 2], 3), ([1], 1), ([2, 7, 4], 9),
+                           ([0, 6, 3], 6), ([0], 2))]
+
+
+_PAD_CONDITIONS = {
+    "a sequence of length 0": lambda n, m: bool((n == 0).any()),
+    "a sequence of the full length": lambda n, m: bool((n == m).any()),
+    "a batch of one": lambda n, m: len(n) == 1,
+    "a batch of several": lambda n, m: len(n) > 1,
+}
+_PAD_EXCLUSIVE = (("a batch of one", "a batch of several"),)
 
 
 def _pad_hint(case, got, expected):
     if not _bool_like(got, expected):
         return None
     lengths, m = case.args
-    if torch.equal(got, ~expected):
-        return "True marks the real tokens (they may be attended to), False the padding."
-    if torch.equal(got, torch.arange(m)[None, :] <= lengths[:, None]):
-        return "positions count from 0: a sequence of length n has real tokens 0 .. n - 1, so use <, not <=."
-    return None
+    return first_match(got, expected, [
+        (~expected, "True marks the real tokens (they may be attended to), False the padding."),
+        (torch.arange(m)[None, :] <= lengths[:, None],
+         "positions count from 0: a sequence of length n has real tokens 0 .. n - 1, so use <, not <=.")])
 
 
 # --- seq2seq.causal_mask -----------------------------------------------------------------------------
@@ -61,16 +72,17 @@ def _causal_cases():
     return [Case(f"length {n}", (n,)) for n in (1, 2, 5, 9)]
 
 
+_CAUSAL_CONDITIONS = {"length 1": lambda n: n == 1, "length above 1": lambda n: n > 1}
+_CAUSAL_EXCLUSIVE = (("length 1", "length above 1"),)
+
+
 def _causal_hint(case, got, expected):
     if not _bool_like(got, expected):
         return None
-    if torch.equal(got, expected & ~torch.eye(len(got), dtype=torch.bool)):
-        return "a position may attend to itself: keep the diagonal."
-    if torch.equal(got, ~expected):
-        return "True means 'may attend' in this course (torch's attn_mask uses the opposite)."
-    if torch.equal(got, expected.T):
-        return "rows are queries and columns keys: query i may see keys j <= i (lower triangle)."
-    return None
+    return first_match(got, expected, [
+        (expected & ~torch.eye(len(got), dtype=torch.bool), "a position may attend to itself: keep the diagonal."),
+        (~expected, "True means 'may attend' in this course (torch's attn_mask uses the opposite)."),
+        (expected.T, "rows are queries and columns keys: query i may see keys j <= i (lower triangle).")])
 
 
 # --- seq2seq.cross_attention -------------------------------------------------------------------------
@@ -94,10 +106,24 @@ def _cross_cases():
     g = torch.Generator().manual_seed(20)
     r = lambda *s: torch.randn(*s, generator=g)  # noqa: E731
     cases = []
-    for B, Lx, Lc, E, C, d in ((1, 3, 5, 4, 4, 4), (2, 4, 7, 6, 3, 5), (2, 6, 2, 8, 8, 16)):
+    for B, Lx, Lc, E, C, d in ((1, 3, 5, 4, 4, 4), (2, 4, 7, 6, 3, 5), (2, 6, 2, 8, 8, 16), (2, 4, 2, 5, 5, 5),
+                               (1, 5, 2, 6, 3, 4)):
         cases.append(Case(f"x ({B}, {Lx}, {E}), context ({B}, {Lc}, {C}), d={d}",
                           (r(B, Lx, E), r(B, Lc, C), r(d, E), r(d, C), r(d, C))))
-    return cases
+    return in_both_precisions(cases)
+
+
+_CROSS_CONDITIONS = {
+    "x and the context of different widths (E != C)": lambda x, c, Wq, Wk, Wv: x.shape[-1] != c.shape[-1],
+    "projected width d != E": lambda x, c, Wq, Wk, Wv: Wq.shape[0] != x.shape[-1],
+    "square weights (E = C = d)": lambda x, c, Wq, Wk, Wv: Wq.shape[0] == x.shape[-1] == c.shape[-1],
+    "more context positions than queries": lambda x, c, Wq, Wk, Wv: c.shape[1] > x.shape[1],
+    "fewer context positions than queries": lambda x, c, Wq, Wk, Wv: c.shape[1] < x.shape[1],
+    "a batch of several": lambda x, c, Wq, Wk, Wv: x.shape[0] > 1,
+}
+_CROSS_EXCLUSIVE = (("x and the context of different widths (E != C)", "square weights (E = C = d)"),
+                    ("projected width d != E", "square weights (E = C = d)"),
+                    ("more context positions than queries", "fewer context positions than queries"))
 
 
 def _attend(q, k, v, scale, dim=-1):
@@ -109,7 +135,8 @@ def _cross_hint(case, got, expected):
     if not isinstance(got, torch.Tensor):
         return None
     if got.ndim == 3 and got.shape[1] == ctx.shape[1] != x.shape[1]:
-        return "the output has one row per query, i.e. per position of x, not of the context."
+        return fact("your output has one row per position of the context; it has one row per query, "
+                    "i.e. per position of x.")
     if got.shape != expected.shape or not finite(got):
         return None
     q, k, v = x @ W_q.T, ctx @ W_k.T, ctx @ W_v.T
@@ -125,10 +152,7 @@ def _cross_hint(case, got, expected):
     if W_q.shape[0] == W_q.shape[1] and W_k.shape[0] == W_k.shape[1]:
         variants.append((_attend(x @ W_q, ctx @ W_k, ctx @ W_v, 1 / math.sqrt(d)),
                          "the weights are (d, E) as in nn.Linear: project with x @ W_q.T."))
-    for variant, text in variants:
-        if matches(got, variant, expected):
-            return text
-    return None
+    return first_match(got, expected, variants)
 
 
 # --- seq2seq.attentive_decoder_step -----------------------------------------------------------------
@@ -157,11 +181,29 @@ def _dec_cases():
     g = torch.Generator().manual_seed(21)
     r = lambda *s: torch.randn(*s, generator=g)  # noqa: E731
     cases = []
-    for B, S, H, V, lengths in ((1, 4, 4, 5, [4]), (3, 6, 8, 10, [6, 3, 1]), (2, 5, 6, 7, [2, 5])):
+    for B, S, H, V, lengths in ((1, 4, 4, 5, [4]), (3, 6, 8, 10, [6, 3, 1]), (2, 5, 6, 7, [2, 5]),
+                                (2, 1, 4, 5, [1, 1])):
         mask = torch.arange(S)[None, :] < torch.tensor(lengths)[:, None]
         cases.append(Case(f"batch {B}, source lengths {lengths} padded to {S}, H = {H}, vocabulary {V}",
                           (r(B, H), r(B, S, H) * 2, mask, r(V, 2 * H), r(V))))
-    return cases
+    return in_both_precisions(cases)
+
+
+_DEC_CONDITIONS = {
+    "no padding": lambda s, e, m, W, b: bool(m.all()),
+    "padding": lambda s, e, m, W, b: bool((~m).any()),
+    "a source of length 1 (one real token)": lambda s, e, m, W, b: bool((m.sum(-1) == 1).any()),
+    "a batch of several": lambda s, e, m, W, b: s.shape[0] > 1,
+}
+_DEC_EXCLUSIVE = (("no padding", "padding"),)
+
+
+def _logits_of(got):
+    return got[0]
+
+
+def _weights_of(got):
+    return got[1]
 
 
 def _dec_hint(case, got, expected):
@@ -171,7 +213,7 @@ def _dec_hint(case, got, expected):
     logits, weights = got
     B, S, H = enc.shape
     if weights.shape == (B, 1, S):
-        return "return the weights as (B, S): squeeze the query axis."
+        return fact("your weights are (B, 1, S): squeeze the query axis to return them as (B, S).")
     if weights.shape != (B, S) or logits.shape != expected[0].shape or not finite(weights):
         return None
     scores = (enc @ state[:, :, None])[:, :, 0]
@@ -180,40 +222,43 @@ def _dec_hint(case, got, expected):
         return torch.softmax(s.masked_fill(~keep, _INF), dim=dim).nan_to_num(0.0)
 
     right_w = expected[1].double()
-    for variant, text in (
-            (soft(scores / math.sqrt(H), torch.ones_like(mask)), "padding got weight: fill the scores of "
-                                                                 "padded source positions with -inf."),
-            (soft(scores / math.sqrt(H), ~mask), "the mask is inverted: True marks real source tokens."),
-            (soft(scores, mask), "scale the scores by 1 / sqrt(H), H the state size."),
-            (soft(scores / math.sqrt(H), mask, 0), "the softmax goes over the source positions "
-                                                   "(dim=-1), not over the batch.")):
-        if matches(weights, variant, right_w):
-            return text
+    hint = first_match(got, expected, [
+        (soft(scores / math.sqrt(H), torch.ones_like(mask)), "padding got weight: fill the scores of "
+                                                             "padded source positions with -inf."),
+        (soft(scores / math.sqrt(H), ~mask), "the mask is inverted: True marks real source tokens."),
+        (soft(scores, mask), "scale the scores by 1 / sqrt(H), H the state size."),
+        (soft(scores / math.sqrt(H), mask, 0), "the softmax goes over the source positions "
+                                               "(dim=-1), not over the batch.")], where=_weights_of)
+    if hint:
+        return hint
     if close(weights, right_w):
         context = (right_w[:, :, None] * enc).sum(1)
-        for variant, text in (
-                (torch.cat([context, state], -1) @ W_out.T + b_out,
-                 "concatenate [state, context] in that order: W_out's first H columns read the state."),
-                (torch.cat([state, context], -1) @ W_out.T, "add the bias b_out."),
-                (torch.cat([state, enc.mean(1)], -1) @ W_out.T + b_out,
-                 "the context is the attention-weighted sum of the encoder states, not their mean.")):
-            if matches(logits, variant, expected[0]):
-                return text
-        return "the weights are right: context = weights-weighted sum of enc_states, then W_out [state; context] + b_out."
+        return first_match(got, expected, [
+            (torch.cat([context, state], -1) @ W_out.T + b_out,
+             "concatenate [state, context] in that order: W_out's first H columns read the state."),
+            (torch.cat([state, context], -1) @ W_out.T, "add the bias b_out."),
+            (torch.cat([state, enc.mean(1)], -1) @ W_out.T + b_out,
+             "the context is the attention-weighted sum of the encoder states, not their mean.")],
+            where=_logits_of) or fact("the weights are right: context = weights-weighted sum of "
+                                      "enc_states, then W_out [state; context] + b_out.")
     return None
 
 
 EXERCISES = [
     Exercise("seq2seq.padding_mask", "padding_mask(lengths (B,), max_length) -> (B, max_length) bool, True = real",
-             _pad_cases, _padding_mask, _pad_solution, _pad_hint),
+             _pad_cases, _padding_mask, _pad_solution, _pad_hint,
+             conditions=_PAD_CONDITIONS, exclusive=_PAD_EXCLUSIVE),
     Exercise("seq2seq.causal_mask", "causal_mask(length) -> (L, L) bool, True where key j <= query i",
-             _causal_cases, _causal_mask, _causal_solution, _causal_hint),
+             _causal_cases, _causal_mask, _causal_solution, _causal_hint,
+             conditions=_CAUSAL_CONDITIONS, exclusive=_CAUSAL_EXCLUSIVE),
     Exercise("seq2seq.cross_attention",
              "cross_attention(x (B, L_x, E), context (B, L_c, C), W_q (d, E), W_k (d, C), W_v (d, C)) "
              "-> (B, L_x, d)",
-             _cross_cases, _cross_expected, _cross_solution, _cross_hint),
+             _cross_cases, _cross_expected, _cross_solution, _cross_hint,
+             conditions=_CROSS_CONDITIONS, exclusive=_CROSS_EXCLUSIVE),
     Exercise("seq2seq.attentive_decoder_step",
              "attentive_decoder_step(state (B, H), enc_states (B, S, H), src_mask (B, S) bool, "
              "W_out (V, 2H), b_out (V,)) -> (logits (B, V), weights (B, S))",
-             _dec_cases, _dec_expected, _dec_solution, _dec_hint),
+             _dec_cases, _dec_expected, _dec_solution, _dec_hint,
+             conditions=_DEC_CONDITIONS, exclusive=_DEC_EXCLUSIVE),
 ]

@@ -2,10 +2,15 @@
 banded attention that never builds L x L, and Performer's positive random features.
 
 Expected answers come from package functions bound here at import time. The two linear-
-memory exercises are also checked for what they allocate: a case with L = 512 runs the
-learner's function under a spy that records the largest tensor created, and any tensor of
-L * L elements or more fails. Above each exercise, a comment lists the mistakes learners
-make; a case catches each one.
+cost exercises are also checked for what they allocate and for the work they do: a case
+with L = 512 runs the learner's function under a spy (``_core.Footprint``) that records the
+largest torch tensor, the memory NumPy and Python take, and the multiply-adds and elements
+computed by torch operations; a tensor (or NumPy array) of L * L numbers fails, and so does
+work that grows like L^2 (the dense scores computed a block of queries at a time). The two
+counting exercises must derive the count, not build the mask or layout and sum it. Above each
+exercise, a comment lists the mistakes learners make; a case catches each one, and a hint
+names a mistake only when the answer is that mistake (``_core.Hint``). Each exercise's
+``conditions`` list what its statement names; floating inputs run in float32 and float64.
 """
 
 from __future__ import annotations
@@ -22,7 +27,17 @@ from ..sparse import performer_attention as _performer_attention
 from ..sparse import sliding_window_attention as _sliding_window_attention
 from ..sparse import sliding_window_mask as _sliding_window_mask
 from ..sparse import topk_attention as _topk_attention
-from ._core import Case, Exercise, LargestTensor, finite, matches
+from ._core import (
+    Case,
+    Exercise,
+    any_precision,
+    builds_nothing,
+    finite,
+    first_match,
+    generic,
+    in_both_precisions,
+    square_free,
+)
 
 _INF = float("-inf")
 
@@ -57,7 +72,18 @@ def _dilated_expected(length, window, dilation):
 
 def _dilated_cases():
     return [Case(f"length {L}, window {w}, dilation {r}", (L, w, r))
-            for L, w, r in ((8, 1, 1), (10, 2, 2), (12, 1, 3), (20, 3, 4), (5, 0, 2))]
+            for L, w, r in ((8, 1, 1), (10, 2, 2), (12, 1, 3), (20, 3, 4), (5, 0, 2), (6, 2, 3), (4, 0, 1),
+                                (4, 3, 1))]
+
+
+_DILATED_CONDITIONS = {
+    "window 0 (the diagonal alone)": lambda L, w, r: w == 0,
+    "dilation 1 (a plain band)": lambda L, w, r: r == 1,
+    "dilation above 1": lambda L, w, r: r > 1,
+    "a span that reaches past both ends (window * dilation >= L - 1)": lambda L, w, r: w * r >= L - 1,
+}
+_DILATED_EXCLUSIVE = (("dilation 1 (a plain band)", "dilation above 1"),
+                      ("window 0 (the diagonal alone)", "a span that reaches past both ends (window * dilation >= L - 1)"))
 
 
 def _dilated_hint(case, got, expected):
@@ -65,15 +91,13 @@ def _dilated_hint(case, got, expected):
     if not (isinstance(got, torch.Tensor) and got.dtype == torch.bool and got.shape == expected.shape):
         return None
     diff = torch.arange(L)[:, None] - torch.arange(L)[None, :]
-    for variant, text in (
-            (_sliding_window_mask(L, w) & expected, "the window spans window * dilation positions on "
-                                                   "each side, not window."),
-            (_sliding_window_mask(L, w * r), "keep only every dilation-th key: (i - j) % dilation == 0."),
-            ((diff >= 0) & (diff <= w * r) & (diff % r == 0), "keys on both sides count: |i - j|."),
-            ((diff.abs() < w * r) & (diff % r == 0), "the window includes its ends: <=, not <.")):
-        if torch.equal(got.cpu(), variant) and not torch.equal(variant, expected):
-            return text
-    return "the rule: mask[i, j] = |i - j| <= window * dilation and (i - j) % dilation == 0."
+    return first_match(got, expected, [
+        (_sliding_window_mask(L, w) & expected, "the window spans window * dilation positions on "
+                                               "each side, not window."),
+        (_sliding_window_mask(L, w * r), "keep only every dilation-th key: (i - j) % dilation == 0."),
+        ((diff >= 0) & (diff <= w * r) & (diff % r == 0), "keys on both sides count: |i - j|."),
+        ((diff.abs() < w * r) & (diff % r == 0), "the window includes its ends: <=, not <.")]) \
+        or generic("the rule: mask[i, j] = |i - j| <= window * dilation and (i - j) % dilation == 0.")
 
 
 # --- sparse.band_pairs ------------------------------------------------------------------------------
@@ -92,24 +116,39 @@ def _band_expected(length, window):
 
 
 def _band_cases():
-    return [Case(f"length {L}, window {w}", (L, w)) for L, w in ((10, 0), (10, 1), (16, 3), (100, 20), (5, 9))]
+    return [Case(f"length {L}, window {w}", (L, w)) for L, w in ((10, 0), (10, 1), (16, 3), (100, 20), (5, 9),
+                                                                 (7, 6), (1, 0), (1, 3))]
+
+
+_BAND_CONDITIONS = {
+    "window 0": lambda L, w: w == 0,
+    "a window narrower than the sequence": lambda L, w: 0 < w < L - 1,
+    "a window of L - 1 or more (every pair)": lambda L, w: w >= L - 1,
+    "a window wider than the sequence": lambda L, w: w >= L,
+    "a single position": lambda L, w: L == 1,
+}
+_BAND_EXCLUSIVE = (("window 0", "a window narrower than the sequence"), ("window 0", "a window wider than the sequence"),
+                   ("a window narrower than the sequence", "a window of L - 1 or more (every pair)"),
+                   ("a window narrower than the sequence", "a window wider than the sequence"),
+                   ("a window narrower than the sequence", "a single position"))
 
 
 def _band_hint(case, got, expected):
     L, w = case.args
     got = _number(got)
-    if got is None or got == expected:
+    if got is None:
         return None
     wc = min(w, L - 1)
-    if got == L * (2 * wc + 1):
-        return "rows near the start and the end have fewer than 2w + 1 keys: subtract what falls outside."
-    if got == L * 2 * wc - wc * (wc + 1) or got == L * 2 * wc:
-        return "each query also attends to itself: 2w + 1 keys per full row."
-    if got == L * (2 * wc + 1) - wc * (wc + 1) // 2:
-        return "both ends lose keys: 1 + 2 + ... + w at each end, w(w + 1) in all."
-    if w >= L and got == L * (2 * w + 1) - w * (w + 1):
-        return "a window wider than the sequence keeps every pair: cap it at L - 1."
-    return None
+    return first_match(got, expected, [
+        (L * (2 * wc + 1), "rows near the start and the end have fewer than 2w + 1 keys: subtract what "
+                           "falls outside."),
+        (L * 2 * wc - wc * (wc + 1), "each query also attends to itself: 2w + 1 keys per full row."),
+        (L * 2 * wc, "each query also attends to itself, and the rows near the ends have fewer keys: "
+                     "2w + 1 keys per full row, minus what falls outside."),
+        (L * (2 * wc + 1) - wc * (wc + 1) // 2, "both ends lose keys: 1 + 2 + ... + w at each end, "
+                                                "w(w + 1) in all."),
+        (L * (2 * w + 1) - w * (w + 1), "a window wider than the sequence keeps every pair: cap it at "
+                                        "L - 1.")], atol=0, rtol=0)
 
 
 # --- sparse.bigbird_kept_blocks ------------------------------------------------------------------
@@ -130,23 +169,38 @@ def _bigbird_expected(num_blocks, num_global_blocks):
 
 
 def _bigbird_cases():
-    return [Case(f"{n} blocks, {g} global", (n, g)) for n, g in ((8, 1), (16, 2), (4, 0), (10, 3), (2, 1), (64, 1))]
+    return [Case(f"{n} blocks, {g} global", (n, g)) for n, g in ((8, 1), (16, 2), (4, 0), (10, 3), (2, 1), (64, 1),
+                                                                  (1, 0), (5, 4), (1, 1))]
+
+
+_BIGBIRD_CONDITIONS = {
+    "no global blocks (the band alone)": lambda n, g: g == 0,
+    "one global block": lambda n, g: g == 1,
+    "several global blocks": lambda n, g: g > 1,
+    "one block outside the global ones (no band to speak of)": lambda n, g: n - g == 1,
+    "a single block": lambda n, g: n == 1,
+}
+_BIGBIRD_EXCLUSIVE = (("no global blocks (the band alone)", "one global block"),
+                      ("no global blocks (the band alone)", "several global blocks"),
+                      ("one global block", "several global blocks"),
+                      ("several global blocks", "a single block"))
 
 
 def _bigbird_hint(case, got, expected):
     n, g = case.args
     got = _number(got)
-    if got is None or got == expected:
+    if got is None:
         return None
     m = n - min(g, n)
     band_m = 3 * m - 2 if m >= 2 else m
-    if got in (3 * n - 2 + 2 * g * n, 3 * n - 2 + 2 * g * n - g * g):
-        return "the band overlaps the global rows and columns: count the band among the other blocks only."
-    if got == 2 * g * n + band_m:
-        return "the g global rows and g global columns share g * g blocks: 2gn - g^2."
-    if got == 2 * g * n - g * g + 3 * m:
-        return "the first and last band rows have only 2 neighbours each: 3m - 2 blocks for m blocks."
-    return None
+    return first_match(got, expected, [
+        (3 * n - 2 + 2 * g * n, "the band overlaps the global rows and columns: count the band among the "
+                                "other blocks only."),
+        (3 * n - 2 + 2 * g * n - g * g, "the band overlaps the global rows and columns: count the band "
+                                        "among the other blocks only."),
+        (2 * g * n + band_m, "the g global rows and g global columns share g * g blocks: 2gn - g^2."),
+        (2 * g * n - g * g + 3 * m, "the first and last band rows have only 2 neighbours each: 3m - 2 "
+                                    "blocks for m blocks.")], atol=0, rtol=0)
 
 
 # --- sparse.topk_attention -----------------------------------------------------------------------
@@ -163,8 +217,18 @@ def _topk_solution(query, key, value, k):
 def _topk_cases():
     g = torch.Generator().manual_seed(60)
     r = lambda *s: torch.randn(*s, generator=g)  # noqa: E731
-    return [Case(f"(B, H, L, d) = {s}, k = {k}", (r(*s), r(*s), r(*s), k))
-            for s, k in (((1, 1, 6, 4), 1), ((1, 2, 10, 8), 3), ((2, 2, 16, 8), 16), ((1, 1, 12, 4), 20))]
+    return in_both_precisions([Case(f"(B, H, L, d) = {s}, k = {k}", (r(*s), r(*s), r(*s), k))
+                               for s, k in (((1, 1, 6, 4), 1), ((1, 2, 10, 8), 3), ((2, 2, 16, 8), 16),
+                                            ((1, 1, 12, 4), 20))])
+
+
+_TOPK_CONDITIONS = {
+    "k = 1": lambda q, k, v, kk: kk == 1,
+    "1 < k < L": lambda q, k, v, kk: 1 < kk < q.shape[-2],
+    "k = L": lambda q, k, v, kk: kk == q.shape[-2],
+    "k > L (dense)": lambda q, k, v, kk: kk > q.shape[-2],
+}
+_TOPK_EXCLUSIVE = tuple((a, b) for i, a in enumerate(_TOPK_CONDITIONS) for b in list(_TOPK_CONDITIONS)[i + 1:])
 
 
 def _topk_hint(case, got, expected):
@@ -176,16 +240,13 @@ def _topk_hint(case, got, expected):
     kth = s.topk(kk, dim=-1).values[..., -1:]
     low = s.topk(kk, dim=-1, largest=False).values[..., -1:]
     raw = q.double() @ key.double().transpose(-2, -1)
-    for variant, text in (
+    return first_match(got, expected, [
             (_dense(q, key, v), "you attend to every key: keep only the k largest scores per query "
                                 "(scores.topk)."),
             (_dense(q, key, v, s <= low), "keep the k LARGEST scores (topk's default), not the smallest."),
             (_dense(q, key, v, s > kth), "keep the k-th largest score too (>=): you keep only k - 1."),
             (_dense(q, key, v, raw >= raw.topk(kk, dim=-1).values[..., -1:], scale=1.0),
-             "scale the scores by 1 / sqrt(d) before the softmax.")):
-        if matches(got, variant, expected):
-            return text
-    return None
+             "scale the scores by 1 / sqrt(d) before the softmax.")])
 
 
 def _topk_raise_hint(case, message):
@@ -226,12 +287,35 @@ def _band_attn_cases():
     g = torch.Generator().manual_seed(61)
     r = lambda *s: torch.randn(*s, generator=g)  # noqa: E731
     cases = []
-    for (B, H, L, d, d_v), w in (((1, 1, 6, 4, 4), 1), ((2, 2, 10, 8, 3), 3), ((1, 2, 12, 4, 4), 20)):
+    for (B, H, L, d, d_v), w in (((1, 1, 6, 4, 4), 1), ((2, 2, 10, 8, 3), 3), ((1, 2, 12, 4, 4), 20),
+                                 ((2, 1, 5, 4, 2), 0), ((1, 1, 1, 4, 3), 2), ((1, 1, 1, 2, 2), 0)):
         cases.append(Case(f"(B, H, L, d) = {(B, H, L, d)}, d_v = {d_v}, window {w}",
                           (r(B, H, L, d), r(B, H, L, d), r(B, H, L, d_v), w)))
-    cases.append(Case(f"L = {_BIG_L}, window 4: no tensor of L x L elements allowed",
+    cases.append(Case(f"L = {_BIG_L}, window 4: no tensor of L x L elements, work linear in L",
                       (r(1, 2, _BIG_L, 8), r(1, 2, _BIG_L, 8), r(1, 2, _BIG_L, 8), 4)))
-    return cases
+    return in_both_precisions(cases, skip=_long)
+
+
+def _long(case) -> bool:
+    return case.args[0].shape[-2] >= _BIG_L
+
+
+_BAND_ATTN_CONDITIONS = {
+    "window 0 (each query sees itself)": lambda q, k, v, w: w == 0,
+    "a window narrower than the sequence": lambda q, k, v, w: 0 < w < q.shape[-2] - 1,
+    "a window wider than the sequence": lambda q, k, v, w: w >= q.shape[-2],
+    "d_v differs from d": lambda q, k, v, w: v.shape[-1] != q.shape[-1],
+    "a single position": lambda q, k, v, w: q.shape[-2] == 1,
+    f"L = {_BIG_L} (memory and work counted)": any_precision(lambda q, k, v, w: q.shape[-2] >= _BIG_L),
+}
+_BAND_ATTN_EXCLUSIVE = (("window 0 (each query sees itself)", "a window narrower than the sequence"),
+                        ("window 0 (each query sees itself)", "a window wider than the sequence"),
+                        ("a window narrower than the sequence", "a window wider than the sequence"),
+                        ("a single position", "a window narrower than the sequence"),
+                        ("a single position", f"L = {_BIG_L} (memory and work counted)"),
+                        ("window 0 (each query sees itself)", f"L = {_BIG_L} (memory and work counted)"),
+                        ("a window wider than the sequence", f"L = {_BIG_L} (memory and work counted)"),
+                        ("d_v differs from d", f"L = {_BIG_L} (memory and work counted)"))
 
 
 def _band_attn_hint(case, got, expected):
@@ -246,34 +330,31 @@ def _band_attn_hint(case, got, expected):
     ks, vs = kp.unfold(2, 2 * wc + 1, 1), vp.unfold(2, 2 * wc + 1, 1)
     padded = torch.softmax((q.double()[..., None] * ks).sum(-2) / math.sqrt(q.shape[-1]), -1)
     padded = (vs * padded[..., None, :]).sum(-1)
-    for variant, text in (
-            (padded, "the zero padding at the two ends is not a key: give those slots a score of -inf "
-                     "(a zero vector has score 0, and takes weight)."),
-            (_dense(q, k, v), "you attend to every key: only |i - j| <= window."),
-            (_dense(q, k, v, (diff >= 0) & (diff <= w)), "the window has keys on both sides: |i - j| <= window."),
-            (_dense(q, k, v, diff.abs() < w), "the window includes |i - j| = window: <=, not <."),
-            (_dense(q, k, v, diff.abs() <= w, scale=1.0), "scale the scores by 1 / sqrt(d).")):
-        if matches(got, variant, expected):
-            return text
-    return None
+    return first_match(got, expected, [
+        (padded, "the zero padding at the two ends is not a key: give those slots a score of -inf "
+                 "(a zero vector has score 0, and takes weight)."),
+        (_dense(q, k, v), "you attend to every key: only |i - j| <= window."),
+        (_dense(q, k, v, (diff >= 0) & (diff <= w)), "the window has keys on both sides: |i - j| <= window."),
+        (_dense(q, k, v, diff.abs() < w), "the window includes |i - j| = window: <=, not <."),
+        (_dense(q, k, v, diff.abs() <= w, scale=1.0), "scale the scores by 1 / sqrt(d).")])
 
 
-def _no_square(name: str):
-    """A ``verify`` that re-runs the function on the long case under the allocation spy."""
+def _qkv_floor(case) -> int:
+    """Torch arithmetic any answer does: it reads every query and every value at least once."""
+    return case.args[0].numel() + case.args[2].numel()
 
-    def verify(case, fn, got):
-        L = case.args[0].shape[2]
-        if L < _BIG_L:
-            return None
-        with LargestTensor() as spy:
-            fn(*case.args, **case.kwargs)
-        if spy.largest >= L * L:
-            return (f"the values are right, but your function created a tensor of shape {spy.shape} "
-                    f"({spy.largest:,} elements, at least L x L = {L * L:,} for L = {L}). {name} must "
-                    f"never build an L x L tensor, not even a mask: that is the memory it exists to save.")
-        return None
 
-    return verify
+def _band_work(case) -> int:
+    """Work allowed: 16 times the window's multiply-adds (2w + 1 keys per query, for scores and output)."""
+    q, k, v, w = case.args
+    B, H, L, d = q.shape
+    return 16 * B * H * L * (2 * min(w, L - 1) + 1) * (d + v.shape[-1])
+
+
+_BAND_VERIFY = square_free(lambda case: case.args[0].shape[-2], min_length=_BIG_L, work=_band_work,
+                           floor=_qkv_floor, what="Banded attention",
+                           advice="Compute the 2w + 1 scores of each query only: pad the keys, take "
+                                  "windows (unfold, or one slot at a time), mask the padding with -inf.")
 
 
 # --- sparse.performer_attention --------------------------------------------------------------------
@@ -298,7 +379,7 @@ def _favor_solution(query, key, value, omega):
 
 def _favor_expected(query, key, value, omega):
     """The package's Performer, run with the seed that drew this omega."""
-    (seed,) = [s for om, s in _FAVOR_OMEGAS if om.shape == omega.shape and torch.equal(om, omega)]
+    (seed,) = {s for om, s in _FAVOR_OMEGAS if om.shape == omega.shape and torch.equal(om.double(), omega.double())}
     return _performer_attention(query, key, value, num_features=omega.shape[0], seed=seed)
 
 
@@ -309,15 +390,44 @@ def _favor_cases():
     g = torch.Generator().manual_seed(62)
     r = lambda *s: torch.randn(*s, generator=g)  # noqa: E731
     cases = []
-    for (B, H, L, d, d_v), m, seed, scale in (((1, 1, 6, 4, 4), 8, 0, 1.0), ((2, 2, 10, 8, 3), 16, 1, 1.0),
-                                              ((1, 2, 16, 8, 8), 8, 2, 2.0), ((1, 1, _BIG_L, 8, 8), 16, 3, 1.0)):
+    for (B, H, L, d, d_v), m, seed, scale in (((1, 1, 6, 4, 4), 8, 0, 1.0), ((2, 2, 10, 8, 3), 8, 1, 1.0),
+                                              ((1, 2, 16, 8, 8), 8, 2, 2.0), ((2, 1, 1, 4, 2), 4, 4, 3.0),
+                                              ((1, 1, 12, 4, 3), 3, 5, 2.0), ((1, 1, _BIG_L, 8, 8), 16, 3, 1.0)):
         omega = _orthogonal_features(m, d, seed, "cpu", torch.float32)
         _FAVOR_OMEGAS.append((omega.clone(), seed))
         desc = (f"(B, H, L, d) = {(B, H, L, d)}, m = {m} features"
                 + (", q and k twice as large" if scale != 1.0 else "")
-                + (": no tensor of L x L elements allowed" if L >= _BIG_L else ""))
+                + (": no tensor of L x L elements, work linear in L" if L >= _BIG_L else ""))
         cases.append(Case(desc, (r(B, H, L, d) * scale, r(B, H, L, d) * scale, r(B, H, L, d_v), omega)))
-    return cases
+    return in_both_precisions(cases, skip=_long)
+
+
+def _large_norm(q) -> bool:
+    """Queries 1.5 times longer than a standard normal vector's sqrt(d), on average."""
+    return float(q.double().norm(dim=-1).mean()) > 1.5 * math.sqrt(q.shape[-1])
+
+
+_FAVOR_CONDITIONS = {
+    "q and k of large norm (peaked attention)": lambda q, k, v, om: _large_norm(q),
+    "a square omega (F = d: omega and omega.T both fit)": lambda q, k, v, om: om.shape[0] == q.shape[-1],
+    "d_v differs from d": lambda q, k, v, om: v.shape[-1] != q.shape[-1],
+    "a single position": lambda q, k, v, om: q.shape[-2] == 1,
+    f"L = {_BIG_L} (memory and work counted)": any_precision(lambda q, k, v, om: q.shape[-2] >= _BIG_L),
+}
+_FAVOR_EXCLUSIVE = tuple((c, f"L = {_BIG_L} (memory and work counted)") for c in _FAVOR_CONDITIONS
+                         if not c.startswith("L = "))
+
+
+def _favor_work(case) -> int:
+    """Work allowed: 8 times the multiply-adds of phi(Q), phi(K), phi(K)^T V, phi(Q) [.] and the normaliser."""
+    q, k, v, omega = case.args
+    B, H, L, d = q.shape
+    return 8 * B * H * L * omega.shape[0] * (2 * d + 2 * v.shape[-1] + 2)
+
+
+_FAVOR_VERIFY = square_free(lambda case: case.args[0].shape[-2], min_length=_BIG_L, work=_favor_work,
+                            floor=_qkv_floor, what="Performer attention",
+                            advice="Multiply phi(K)^T V first (F x d_v per head), then phi(Q) by it.")
 
 
 def _favor_variant(q, k, v, omega, *, scale="both", key_norm=True, normalise=True, transpose=True):
@@ -352,10 +462,8 @@ def _favor_hint(case, got, expected):
     ]
     if omega.shape[0] == omega.shape[1]:
         variants.append(({"transpose": False}, "omega is (F, d): the projections are x @ omega.T."))
-    for kwargs, text in variants:
-        if matches(got, _favor_variant(q, k, v, omega, **kwargs), expected, atol=1e-4, rtol=1e-3):
-            return text
-    return None
+    return first_match(got, expected, [(_favor_variant(q, k, v, omega, **kwargs), text) for kwargs, text in variants],
+                       atol=1e-4, rtol=1e-3)
 
 
 def _favor_raise_hint(case, message):
@@ -366,22 +474,33 @@ def _favor_raise_hint(case, message):
 
 EXERCISES = [
     Exercise("sparse.dilated_window_mask", "dilated_window_mask(length, window, dilation) -> (L, L) bool",
-             _dilated_cases, _dilated_expected, _dilated_solution, _dilated_hint),
-    Exercise("sparse.band_pairs", "band_pairs(length, window) -> int: pairs kept by |i - j| <= window",
-             _band_cases, _band_expected, _band_solution, _band_hint, atol=0, rtol=0),
+             _dilated_cases, _dilated_expected, _dilated_solution, _dilated_hint,
+             conditions=_DILATED_CONDITIONS, exclusive=_DILATED_EXCLUSIVE),
+    Exercise("sparse.band_pairs", "band_pairs(length, window) -> int: pairs kept by |i - j| <= window, "
+                                  "derived without building the mask",
+             _band_cases, _band_expected, _band_solution, _band_hint, atol=0, rtol=0,
+             verify=builds_nothing(lambda case: max(4, case.args[0] ** 2), what="the mask"),
+             conditions=_BAND_CONDITIONS, exclusive=_BAND_EXCLUSIVE),
     Exercise("sparse.bigbird_kept_blocks",
-             "bigbird_kept_blocks(num_blocks, num_global_blocks) -> int (band + global, no random blocks)",
-             _bigbird_cases, _bigbird_expected, _bigbird_solution, _bigbird_hint, atol=0, rtol=0),
+             "bigbird_kept_blocks(num_blocks, num_global_blocks) -> int (band + global, no random blocks), "
+             "derived without building the layout",
+             _bigbird_cases, _bigbird_expected, _bigbird_solution, _bigbird_hint, atol=0, rtol=0,
+             verify=builds_nothing(lambda case: max(4, case.args[0] ** 2), what="the layout"),
+             conditions=_BIGBIRD_CONDITIONS, exclusive=_BIGBIRD_EXCLUSIVE),
     Exercise("sparse.topk_attention", "topk_attention(query, key, value, k) -> (B, H, L, d_v)",
-             _topk_cases, _topk_attention, _topk_solution, _topk_hint, raise_hint=_topk_raise_hint),
+             _topk_cases, _topk_attention, _topk_solution, _topk_hint, raise_hint=_topk_raise_hint,
+             conditions=_TOPK_CONDITIONS, exclusive=_TOPK_EXCLUSIVE),
     Exercise("sparse.banded_attention",
              "banded_attention(query (B, H, L, d), key (B, H, L, d), value (B, H, L, d_v), window) -> "
-             "(B, H, L, d_v), keys |i - j| <= window, never an L x L tensor",
+             "(B, H, L, d_v), keys |i - j| <= window, with torch operations, never an L x L tensor, "
+             "work linear in L",
              _band_attn_cases, _band_attn_expected, _band_attn_solution, _band_attn_hint,
-             verify=_no_square("banded attention")),
+             verify=_BAND_VERIFY, conditions=_BAND_ATTN_CONDITIONS, exclusive=_BAND_ATTN_EXCLUSIVE),
     Exercise("sparse.performer_attention",
              "performer_attention(query (B, H, L, d), key (B, H, L, d), value (B, H, L, d_v), omega (F, d)) "
-             "-> (B, H, L, d_v), FAVOR+ with positive features, never an L x L tensor",
+             "-> (B, H, L, d_v), FAVOR+ with positive features, with torch operations, never an L x L "
+             "tensor, work linear in L",
              _favor_cases, _favor_expected, _favor_solution, _favor_hint, atol=1e-4, rtol=1e-3,
-             verify=_no_square("Performer attention"), raise_hint=_favor_raise_hint),
+             verify=_FAVOR_VERIFY, raise_hint=_favor_raise_hint,
+             conditions=_FAVOR_CONDITIONS, exclusive=_FAVOR_EXCLUSIVE),
 ]

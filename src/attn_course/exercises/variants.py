@@ -3,7 +3,9 @@ weights, receptive fields.
 
 Expected answers come from package functions bound here at import time; for the two
 estimators the checker also checks gradients, not only values. Above each exercise, a
-comment lists the mistakes learners make; a case catches each one.
+comment lists the mistakes learners make; a case catches each one, and a hint names a
+mistake only when the answer is that mistake (``_core.Hint``). Each exercise's
+``conditions`` list what its statement names; floating inputs run in float32 and float64.
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ import torch
 
 from ..variants import conv_receptive_field as _conv_receptive_field
 from ..variants import local_window_weights as _local_window_weights
-from ._core import Case, Exercise, close, finite, matches
+from ._core import Case, Exercise, close, finite, first_match, generic, in_both_precisions
 
 
 def _gen(seed):
@@ -40,10 +42,26 @@ def _gumbel_expected(logits, uniform, tau):
 def _gumbel_cases():
     g = _gen(30)
     cases = []
-    for shape, tau in (((5,), 1.0), ((3, 4), 0.5), ((2, 6), 2.0), ((4, 3), 0.1)):
+    for shape, tau in (((5,), 0.7), ((3, 4), 0.5), ((2, 6), 2.0), ((4, 3), 0.1)):
         u = torch.rand(*shape, generator=g).clamp(1e-6, 1 - 1e-6)
         cases.append(Case(f"logits {shape}, tau {tau}", (torch.randn(*shape, generator=g), u, tau)))
-    return cases
+    for shape, tau in (((6,), 3.0), ((3, 5), 0.5)):
+        u = torch.rand(*shape, generator=g)
+        u.view(-1)[1], u.view(-1)[-2], u.view(-1)[-1] = 1e-6, 1 - 1e-6, 1e-6
+        cases.append(Case(f"logits {shape}, tau {tau}, uniform samples at the ends, 1e-6 and 1 - 1e-6",
+                          (torch.randn(*shape, generator=g), u, tau)))
+    return in_both_precisions(cases)
+
+
+_GUMBEL_CONDITIONS = {
+    "one vector of logits": lambda lg, u, tau: lg.ndim == 1,
+    "a batch of rows": lambda lg, u, tau: lg.ndim == 2,
+    "tau below 1": lambda lg, u, tau: tau < 1,
+    "tau above 1": lambda lg, u, tau: tau > 1,
+    "uniform samples at the ends (1e-6, 1 - 1e-6)": lambda lg, u, tau: bool(
+        (u.double() <= 1.5e-6).any() and (u.double() >= 1 - 1.5e-6).any()),
+}
+_GUMBEL_EXCLUSIVE = (("one vector of logits", "a batch of rows"), ("tau below 1", "tau above 1"))
 
 
 def _gumbel_hint(case, got, expected):
@@ -52,19 +70,17 @@ def _gumbel_hint(case, got, expected):
         return None
     lg, u = logits.double(), u.double()
     g = _gumbel(u)
-    for variant, text in (
-            (torch.softmax((lg - torch.log(u)) / tau, -1), "Gumbel noise is -log(-log(u)), not -log(u)."),
-            (torch.softmax((lg - g) / tau, -1), "check the sign: g = -log(-log(u))."),
-            (torch.softmax(lg + g, -1), "divide (logits + noise) by the temperature tau before the softmax."),
-            (torch.softmax((lg + g) * tau, -1), "divide by the temperature tau, do not multiply."),
-            (torch.softmax(lg / tau + g, -1), "divide the noisy logits (logits + g) by tau, not the "
-                                             "logits alone."),
-            (torch.softmax((lg + g) / tau, 0), "the softmax goes over the last axis (dim=-1)."),
-            (torch.softmax(lg / tau, -1), "add the Gumbel noise g = -log(-log(u)) to the logits.")):
-        if matches(got, variant, expected):
-            return text
-    return ("y = softmax((logits + g) / tau) with g = -log(-log(uniform)), from the uniform samples "
-            "you are given (not fresh noise, such as F.gumbel_softmax draws).")
+    return first_match(got, expected, [
+        (torch.softmax((lg - torch.log(u)) / tau, -1), "Gumbel noise is -log(-log(u)), not -log(u)."),
+        (torch.softmax((lg - g) / tau, -1), "check the sign: g = -log(-log(u))."),
+        (torch.softmax(lg + g, -1), "divide (logits + noise) by the temperature tau before the softmax."),
+        (torch.softmax((lg + g) * tau, -1), "divide by the temperature tau, do not multiply."),
+        (torch.softmax(lg / tau + g, -1), "divide the noisy logits (logits + g) by tau, not the "
+                                         "logits alone."),
+        (torch.softmax((lg + g) / tau, 0), "the softmax goes over the last axis (dim=-1)."),
+        (torch.softmax(lg / tau, -1), "add the Gumbel noise g = -log(-log(u)) to the logits.")]) \
+        or generic("y = softmax((logits + g) / tau) with g = -log(-log(uniform)), from the uniform samples "
+                   "you are given (not fresh noise, such as F.gumbel_softmax draws, and not clamped).")
 
 
 # --- variants.straight_through_gumbel ---------------------------------------------------------------
@@ -88,10 +104,14 @@ def _st_expected(logits, uniform, tau):
 def _st_cases():
     g = _gen(33)
     cases = []
-    for shape, tau in (((6,), 1.0), ((3, 5), 0.5), ((4, 4), 2.0), ((2, 8), 0.25)):
+    for shape, tau in (((6,), 0.5), ((3, 5), 0.5), ((4, 4), 2.0), ((2, 8), 0.25), ((5,), 1.5)):
         u = torch.rand(*shape, generator=g).clamp(1e-6, 1 - 1e-6)
         cases.append(Case(f"logits {shape}, tau {tau}", (torch.randn(*shape, generator=g), u, tau)))
-    return cases
+    return in_both_precisions(cases)
+
+
+_ST_CONDITIONS = {k: v for k, v in _GUMBEL_CONDITIONS.items() if "ends" not in k}
+_ST_EXCLUSIVE = tuple(p for p in _GUMBEL_EXCLUSIVE if not any("ends" in c for c in p))
 
 
 def _st_hint(case, got, expected):
@@ -99,13 +119,12 @@ def _st_hint(case, got, expected):
     if not isinstance(got, torch.Tensor) or got.shape != expected.shape or not finite(got):
         return None
     y = torch.softmax((logits.double() + _gumbel(u.double())) / tau, -1)
-    if close(got, y):
-        return ("that is the soft sample y: the forward value must be its one-hot arg-max; keep y's "
-                "gradient with onehot - y.detach() + y.")
     plain = torch.nn.functional.one_hot(logits.argmax(-1), logits.shape[-1]).double()
-    if matches(got, plain, expected):
-        return "take the arg-max of the noisy sample y = softmax((logits + g) / tau), not of the logits."
-    return "the forward value is one_hot(argmax(y)), with y = softmax((logits + g) / tau)."
+    return first_match(got, expected, [
+        (y, "that is the soft sample y: the forward value must be its one-hot arg-max; keep y's "
+            "gradient with onehot - y.detach() + y."),
+        (plain, "take the arg-max of the noisy sample y = softmax((logits + g) / tau), not of the logits.")]) \
+        or generic("the forward value is one_hot(argmax(y)), with y = softmax((logits + g) / tau).")
 
 
 def _st_verify(case, fn, got):
@@ -155,27 +174,42 @@ def _reinforce_cases():
              for n, b in ((4, 0.0), (8, 0.5), (16, 1.2))]
     cases.append(Case("batch of 5, baseline given as a tensor (a running mean)",
                       (-torch.rand(5, generator=g) * 3, torch.rand(5, generator=g) * 2, torch.tensor(0.8))))
-    return cases
+    for b in (1.5, 0.0, torch.tensor(0.3)):
+        cases.append(Case(f"batch of 1, baseline {float(b)}" + (" as a tensor" if isinstance(b, torch.Tensor) else ""),
+                          (-torch.rand(1, generator=g) * 3, torch.rand(1, generator=g), b)))
+    return in_both_precisions(cases)
+
+
+_REINFORCE_CONDITIONS = {
+    "baseline 0": lambda lp, ls, b: not isinstance(b, torch.Tensor) and b == 0,
+    "a baseline above 0, as a number": lambda lp, ls, b: not isinstance(b, torch.Tensor) and b > 0,
+    "a baseline given as a tensor": lambda lp, ls, b: isinstance(b, torch.Tensor),
+    "a batch of one": lambda lp, ls, b: lp.numel() == 1,
+    "a batch of several": lambda lp, ls, b: lp.numel() > 1,
+}
+_REINFORCE_EXCLUSIVE = (("baseline 0", "a baseline above 0, as a number"), ("baseline 0", "a baseline given as a tensor"),
+                        ("a baseline above 0, as a number", "a baseline given as a tensor"),
+                        ("a batch of one", "a batch of several"))
+
+
+def _scalar(got):
+    return got.reshape(())
 
 
 def _reinforce_hint(case, got, expected):
     log_p, losses, b = (t.double() if isinstance(t, torch.Tensor) else t for t in case.args)
     if not isinstance(got, torch.Tensor) or got.numel() != 1 or not finite(got):
         return None
-    value = got.reshape(())
     exp = expected.double()
-    for variant, text in (
-            ((losses * log_p).mean(), "subtract the baseline from each loss: (loss - baseline) * log_prob."),
-            (-exp, "check the sign: minimising (loss - baseline) * log_prob lowers the probability of "
-                   "bad samples."),
-            (((losses - b) * log_p).sum(), "take the mean over the batch, not the sum."),
-            (((losses - b) * log_p.exp()).mean(), "use the log-probabilities: their gradient is the "
-                                                  "score function."),
-            (((losses.mean() - b) * log_p.mean()), "weight each sample's log-probability by its own "
-                                                   "(loss - baseline), then average.")):
-        if matches(value, variant.reshape(()), exp.reshape(())):
-            return text
-    return None
+    return first_match(got, exp, [
+        ((losses * log_p).mean(), "subtract the baseline from each loss: (loss - baseline) * log_prob."),
+        (-exp.reshape(()), "check the sign: minimising (loss - baseline) * log_prob lowers the probability of "
+                           "bad samples."),
+        (((losses - b) * log_p).sum(), "take the mean over the batch, not the sum."),
+        (((losses - b) * log_p.exp()).mean(), "use the log-probabilities: their gradient is the "
+                                              "score function."),
+        (((losses.mean() - b) * log_p.mean()), "weight each sample's log-probability by its own "
+                                               "(loss - baseline), then average.")], where=_scalar)
 
 
 def _reinforce_verify(case, fn, got):
@@ -227,7 +261,27 @@ def _localp_cases():
                           (torch.randn(T, S, generator=g), (S - 1) * torch.rand(T, generator=g), D)))
     cases.append(Case("centres near both ends, window 3",
                       (torch.randn(3, 12, generator=g), torch.tensor([0.3, 10.7, 5.4]), 3)))
-    return cases
+    cases.append(Case("window 0: one position, centres near both ends",
+                      (torch.randn(3, 7, generator=g), torch.tensor([0.2, 5.9, 3.3]), 0)))
+    cases.append(Case("a window wider than the sequence (5 > 6 / 2), centres near both ends",
+                      (torch.randn(2, 6, generator=g), torch.tensor([0.4, 4.8]), 5)))
+    return in_both_precisions(cases)
+
+
+def _near_ends(scores, centres, window):
+    S = scores.shape[-1]
+    return bool((centres < window).any() and (centres > S - 1 - window).any())
+
+
+_LOCALP_CONDITIONS = {
+    "window 0 (sigma = 1/2 of max(window, 1))": lambda sc, c, D: D == 0,
+    "window 1 or more": lambda sc, c, D: D >= 1,
+    "windows cut by both ends of the sequence": _near_ends,
+    "a window wider than the sequence": lambda sc, c, D: 2 * D + 1 > sc.shape[-1],
+}
+_LOCALP_EXCLUSIVE = (("window 0 (sigma = 1/2 of max(window, 1))", "window 1 or more"),
+                     ("window 0 (sigma = 1/2 of max(window, 1))", "windows cut by both ends of the sequence"),
+                     ("window 0 (sigma = 1/2 of max(window, 1))", "a window wider than the sequence"))
 
 
 def _localp_hint(case, got, expected):
@@ -246,7 +300,7 @@ def _localp_hint(case, got, expected):
     sigma = max(D, 1) / 2
     local_m = window_softmax(rounded)
     right = local_m * gauss(centres, sigma)
-    for variant, text in (
+    return first_match(got, expected, [
             (local_m, "local-p also scales the window softmax by exp(-(s - p_t)^2 / (2 sigma^2)), "
                       "sigma = window / 2."),
             (window_softmax((s[None, :] - centres[:, None]).abs() <= D) * gauss(centres, sigma),
@@ -258,10 +312,7 @@ def _localp_hint(case, got, expected):
             (torch.softmax(scores, -1) * gauss(centres, sigma), "the softmax covers only the window "
                                                                "|s - round(p_t)| <= D."),
             (right / right.sum(-1, keepdim=True), "do not renormalise after the Gaussian: local-p's "
-                                                  "weights are the window softmax times the Gaussian.")):
-        if matches(got, variant, expected):
-            return text
-    return None
+                                                  "weights are the window softmax times the Gaussian.")])
 
 
 # --- variants.conv_receptive_field ---------------------------------------------------------------
@@ -274,39 +325,51 @@ def _rf_solution(num_layers, kernel_size, dilation):
 
 def _rf_cases():
     return [Case(f"{n} layers, kernel {k}, dilation {d}", (n, k, d))
-            for n, k, d in ((1, 3, 1), (4, 3, 1), (3, 5, 1), (3, 3, 2), (5, 2, 4))]
+            for n, k, d in ((1, 3, 1), (4, 3, 1), (3, 5, 1), (3, 3, 2), (5, 2, 4), (1, 4, 3), (3, 1, 2),
+                                     (1, 1, 2), (2, 1, 1))]
+
+
+_RF_CONDITIONS = {
+    "one layer": lambda n, k, d: n == 1,
+    "several layers": lambda n, k, d: n > 1,
+    "dilation 1": lambda n, k, d: d == 1,
+    "dilation above 1": lambda n, k, d: d > 1,
+    "kernel 1 (no growth)": lambda n, k, d: k == 1,
+}
+_RF_EXCLUSIVE = (("one layer", "several layers"), ("dilation 1", "dilation above 1"))
 
 
 def _rf_hint(case, got, expected):
     n, k, d = case.args
     if isinstance(got, torch.Tensor) and got.numel() == 1:
         got = got.item()
-    if type(got) not in (int, float) or got == expected:
+    if type(got) not in (int, float):
         return None
-    if got == n * k and n * k != expected:
-        return "stacked layers overlap: each one adds kernel_size - 1 positions, not kernel_size."
-    if got == 1 + n * (k - 1) and d > 1:
-        return "a dilation d spreads each kernel's taps d apart: multiply the growth by d."
-    if got == n * (k - 1) * d:
-        return "count the output's own position too: 1 + ..."
-    if d > 1 and got == 1 + (k - 1) * sum(d**i for i in range(n)):
-        return "here every layer has the same dilation d (not d ** layer as in WaveNet)."
-    return None
+    return first_match(got, expected, [
+        (n * k, "stacked layers overlap: each one adds kernel_size - 1 positions, not kernel_size."),
+        (1 + n * (k - 1), "a dilation d spreads each kernel's taps d apart: multiply the growth by d."),
+        (n * (k - 1) * d, "count the output's own position too: 1 + ..."),
+        (1 + (k - 1) * sum(d**i for i in range(n)), "here every layer has the same dilation d (not "
+                                                     "d ** layer as in WaveNet).")], atol=0, rtol=0)
 
 
 EXERCISES = [
     Exercise("variants.gumbel_softmax", "gumbel_softmax(logits, uniform, tau) -> soft sample, same shape",
-             _gumbel_cases, _gumbel_expected, _gumbel_solution, _gumbel_hint),
+             _gumbel_cases, _gumbel_expected, _gumbel_solution, _gumbel_hint,
+             conditions=_GUMBEL_CONDITIONS, exclusive=_GUMBEL_EXCLUSIVE),
     Exercise("variants.straight_through_gumbel",
              "straight_through_gumbel(logits, uniform, tau) -> one-hot sample (float, same shape) whose "
              "gradient is that of softmax((logits + g) / tau)",
-             _st_cases, _st_expected, _st_solution, _st_hint, verify=_st_verify),
+             _st_cases, _st_expected, _st_solution, _st_hint, verify=_st_verify,
+             conditions=_ST_CONDITIONS, exclusive=_ST_EXCLUSIVE),
     Exercise("variants.reinforce_surrogate",
              "reinforce_surrogate(log_probs (B,), losses (B,), baseline) -> scalar tensor",
              _reinforce_cases, _reinforce_expected, _reinforce_solution, _reinforce_hint,
-             verify=_reinforce_verify),
+             verify=_reinforce_verify, conditions=_REINFORCE_CONDITIONS, exclusive=_REINFORCE_EXCLUSIVE),
     Exercise("variants.local_p_weights", "local_p_weights(scores (T, S), centres (T,), window) -> (T, S)",
-             _localp_cases, _localp_expected, _localp_solution, _localp_hint),
+             _localp_cases, _localp_expected, _localp_solution, _localp_hint,
+             conditions=_LOCALP_CONDITIONS, exclusive=_LOCALP_EXCLUSIVE),
     Exercise("variants.conv_receptive_field", "conv_receptive_field(num_layers, kernel_size, dilation) -> int",
-             _rf_cases, _conv_receptive_field, _rf_solution, _rf_hint, atol=0, rtol=0),
+             _rf_cases, _conv_receptive_field, _rf_solution, _rf_hint, atol=0, rtol=0,
+             conditions=_RF_CONDITIONS, exclusive=_RF_EXCLUSIVE),
 ]
