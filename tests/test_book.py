@@ -286,3 +286,16 @@ def test_the_notation_check_sees_retired_uses():
             "rank $r$ holds", "$W = 4$ processes", "the mask $M$", "$K = XW_K$"]
     for text in good:
         assert not any(re.search(p, text) for p, _ in RETIRED), text
+
+
+def test_every_glossary_term_is_linked_from_a_chapter():
+    """The glossary is reached from the text: each term is a {term} link where a chapter first uses it."""
+    glossary = (ROOT / "book" / "glossary.md").read_text().split("```{glossary}")[1]
+    terms = re.findall(r"^([A-Z][^\n]*?)\n  \S", glossary, flags=re.M)
+    assert len(terms) >= 30
+    linked = set()
+    for path in CHAPTERS:
+        md = "\n".join(_sources(nbformat.read(path, as_version=4), "markdown"))
+        linked |= {t.lower() for t in re.findall(r"\{term\}`[^`<]*<([^>]+)>`", md)}
+        linked |= {t.lower() for t in re.findall(r"\{term\}`([^`<]+)`", md)}
+    assert {t.lower() for t in terms} <= linked, {t for t in terms if t.lower() not in linked}
