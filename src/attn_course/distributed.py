@@ -686,7 +686,7 @@ def profile_attention(runs, world_size: int, *, repeats: int = 1, backend: str =
         threads: CPU threads per process (default: the machine's cores shared out).
 
     Returns:
-        One dict per run: ``"output"`` (``(B, H, L, d_v)`` in the natural order) and ``"ranks"``,
+        A list with one dict per run, holding ``"output"`` (``(B, H, L, d_v)`` in the natural order) and ``"ranks"``,
         one dict per rank with the counts ``bytes_sent`` (bytes it sent to other ranks),
         ``scores_computed`` (query-key scores its attention needed, over all batch entries and
         heads), ``blocks_computed`` (ring: key shards it attended over; Ulysses: 1) and, as lists

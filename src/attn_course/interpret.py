@@ -414,7 +414,7 @@ class GRUStack(StackedModels):
     evaluated as one model, as :class:`~attn_course.transformer.SeedStack` does for transformers:
     copy ``m`` computes :math:`\mathrm{logits}_m = f_{\theta_m}(\mathrm{ids}_m)` with its own weights
     :math:`\theta_m`, all copies in one ``vmap``-ped call. ``forward(ids (M, B, L)) -> logits
-    (M, B, L, vocab)``; :meth:`write_back` copies the weights into the models.
+    (M, B, L, vocab)``; :meth:`~attn_course.train.StackedModels.write_back` copies the weights into the models.
 
     Example:
         >>> import torch
