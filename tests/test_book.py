@@ -200,6 +200,8 @@ def test_quick_checks_for_readers_without_a_kernel(chapter):
     checks = re.findall(r"```\{admonition\} ([^\n]+)\n:class: dropdown quick-check\n\n(.+?)\n```", md, flags=re.S)
     assert len(checks) >= 3, f"{path.name}: {len(checks)} quick checks"
     assert all(q.strip().endswith("?") and len(a.split()) >= 8 for q, a in checks)
+    # a backtick in a fence's info string ends the fence in CommonMark: the admonition would not render
+    assert not [q for q, _ in checks if "`" in q], [q for q, _ in checks if "`" in q]
     assert md.index("## Check yourself") < md.index("## Summary")
 
 
