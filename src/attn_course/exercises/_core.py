@@ -1097,3 +1097,10 @@ def _failure(head, where, ex, status, result, timeout, case) -> str | None:
                 f"{_type_name(result)}: {message}\n   Expected: {ex.signature}"
                 + (f"\n   Hint: {hint}" if hint else ""))
     return None
+
+
+def as_number(got):
+    """A learner's scalar answer as a Python int or float (a one-element tensor is unwrapped), else None."""
+    if isinstance(got, torch.Tensor) and got.numel() == 1:
+        got = got.item()
+    return got if type(got) in (int, float) else None

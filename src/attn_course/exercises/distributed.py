@@ -16,13 +16,9 @@ from ..distributed import overlap_threshold as _overlap_threshold
 from ..distributed import ring_schedule as _ring_schedule
 from ..distributed import sequence_to_head_shards as _sequence_to_head_shards
 from ..distributed import shard_positions as _shard_positions
-from ._core import Case, Exercise
+from ._core import Case, Exercise, as_number
 
-
-def _number(got):
-    if isinstance(got, torch.Tensor) and got.numel() == 1:
-        got = got.item()
-    return got if type(got) in (int, float) else None
+_number = as_number  # one definition, in _core
 
 
 def _same(got, value) -> bool:

@@ -15,13 +15,9 @@ from ..interpret import gradient_times_input as _gradient_times_input
 from ..interpret import leave_one_out as _leave_one_out
 from ..interpret import rank_correlation as _rank_correlation
 from ..interpret import top1_drop as _top1_drop
-from ._core import Case, Exercise, close, finite, matches
+from ._core import Case, Exercise, as_number, close, finite, matches
 
-
-def _number(got):
-    if isinstance(got, torch.Tensor) and got.numel() == 1:
-        got = got.item()
-    return got if type(got) in (int, float) else None
+_number = as_number  # one definition, in _core
 
 
 # --- interpret.attention_rollout --------------------------------------------------------------------

@@ -23,6 +23,7 @@ from ._core import (
     Case,
     Exercise,
     agrees,
+    as_number,
     builds_nothing,
     fact,
     factor_hint,
@@ -36,10 +37,7 @@ def _gen(seed: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
 
 
-def _number(got):
-    if isinstance(got, torch.Tensor) and got.numel() == 1:
-        got = got.item()
-    return got if type(got) in (int, float) else None
+_number = as_number  # one definition, in _core
 
 
 # --- multihead.split_heads / multihead.merge_heads ----------------------------------------------------------

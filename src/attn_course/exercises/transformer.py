@@ -20,7 +20,7 @@ from ..positional import apply_rope as _apply_rope
 from ..transformer import Block as _Block
 from ..transformer import CausalSelfAttention as _CausalSelfAttention
 from ..transformer import TinyTransformer as _TinyTransformer
-from ._core import Case, Exercise, matches
+from ._core import Case, Exercise, as_number, matches
 
 _INF = float("-inf")
 
@@ -29,10 +29,7 @@ def _gen(seed: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
 
 
-def _number(got):
-    if isinstance(got, torch.Tensor) and got.numel() == 1:
-        got = got.item()
-    return got if type(got) in (int, float) else None
+_number = as_number  # one definition, in _core
 
 
 def _random_weights(module: torch.nn.Module, g: torch.Generator, dtype) -> dict:
