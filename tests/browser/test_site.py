@@ -110,7 +110,13 @@ def test_chapter_has_colab_and_download_buttons(visit, chapter):
 
 def test_search_finds_attention(visit):
     v = visit("search.html?q=attention")
-    v.page.wait_for_selector("#search-results ul.search li", timeout=20000)
+    # Sphinx appends one hit every few milliseconds and only then writes
+    # "Search finished" in the summary: read the list after that, not after the first hit.
+    v.page.wait_for_function(
+        "() => (document.querySelector('#search-results .search-summary')?.innerText || '')"
+        ".includes('Search finished')",
+        timeout=30000,
+    )
     hits = v.page.locator("#search-results ul.search li a").all_inner_texts()
     assert any("Attention basics" in h for h in hits), hits
 
