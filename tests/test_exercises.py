@@ -629,48 +629,6 @@ def _favor(form):
     return attention
 
 
-def _rollout(form):
-    def rollout(ws):
-        eye = torch.eye(ws[0].shape[-1])
-        out = eye
-        for a in ws:
-            if form == "renormalise first":
-                a = a / a.sum(-1, keepdim=True)
-            if form != "no residual":
-                a = 0.5 * a + 0.5 * eye
-            if form not in ("no renormalisation", "renormalise first"):
-                a = a / a.sum(-1, keepdim=True)
-            if form == "right":
-                out = out @ a
-            elif form == "elementwise":
-                out = a * out if out is not eye else a
-            else:
-                out = a @ out
-        return out
-    return rollout
-
-
-def _rollout_residual(form):
-    def rollout(ws, r):
-        B, H, L, _ = ws[0].shape
-        eye = torch.eye(L)
-        if form == "per head":
-            out = eye.expand(B, H, L, L)
-            for w in ws:
-                a = (1 - r) * w + r * eye
-                out = (a / a.sum(-1, keepdim=True)) @ out
-            return out.mean(1)
-        out = eye.expand(B, L, L)
-        for w in ws:
-            m = w.sum(1) if form == "sum" else w.mean(1)
-            a = r * m + (1 - r) * eye if form == "swap" else (1 - r) * m + r * eye
-            if form != "no renormalisation":
-                a = a / a.sum(-1, keepdim=True)
-            out = out @ a if form == "right" else a @ out
-        return out
-    return rollout
-
-
 def _ti(x, y):
     return torch.tril(torch.ones(x, y))
 
@@ -848,17 +806,6 @@ WRONG = [
     ("sparse.performer_attention", _favor("no scale"), "d\\*\\*-0.25 each", None),
     ("sparse.performer_attention", _favor("query only"), "BOTH", None),
     ("sparse.performer_attention", _favor("untransposed"), "x @ omega.T", None),
-    # chapter 9
-    ("interpret.attention_rollout", _rollout("no residual"), "residual connection", None),
-    ("interpret.attention_rollout", _rollout("right"), "on the left", None),
-    ("interpret.attention_rollout", _rollout("no renormalisation"), "renormalise each row", None),
-    ("interpret.attention_rollout", _rollout("renormalise first"), "AFTER adding the identity", None),
-    ("interpret.attention_rollout", _rollout("elementwise"), "matrix product", None),
-    ("interpret.rollout_with_residual", _rollout_residual("swap"), "weight of the identity", None),
-    ("interpret.rollout_with_residual", _rollout_residual("per head"), "average the heads first", None),
-    ("interpret.rollout_with_residual", _rollout_residual("sum"), "do not sum them", None),
-    ("interpret.rollout_with_residual", _rollout_residual("no renormalisation"), "renormalise the rows", None),
-    ("interpret.rollout_with_residual", _rollout_residual("right"), "on the left", None),
 ]
 
 
