@@ -1296,7 +1296,11 @@ def test_the_work_counter_counts_products_and_elements():
     q = torch.randn(1, 2, 16, 4)
     with Footprint(host=False) as spy:
         F.scaled_dot_product_attention(q, q, q)          # one fused op: 2 heads, 16 x 16 pairs, d + d_v
-    assert spy.work == 2 * 16 * 16 * 8
+    assert spy.work == 2 * 16 * 16 * 8 and spy.products == spy.work
+    with Footprint(host=False) as spy:
+        torch.exp(a) @ b                                 # products count the matrix product alone
+        torch.mv(a, b[:, 0])
+    assert spy.products == 120 + 40 and spy.work == 40 + 120 + 40
 
 
 def _banded_64_queries_at_a_time(q, k, v, w):

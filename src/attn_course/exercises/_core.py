@@ -407,6 +407,12 @@ _REDUCTIONS = {"sum", "mean", "amax", "amin", "max", "min", "prod", "logsumexp",
                "_log_softmax", "cumsum", "cumprod", "cummax", "cummin", "logcumsumexp"}
 
 
+_PRODUCTS = {"mm", "addmm", "_addmm_activation", "bmm", "baddbmm", "addbmm", "mv", "addmv", "dot", "vdot",
+             "_scaled_dot_product_flash_attention_for_cpu", "_scaled_dot_product_efficient_attention",
+             "_scaled_dot_product_flash_attention", "_scaled_dot_product_cudnn_attention",
+             "scaled_dot_product_attention", "_scaled_dot_product_attention_math"}
+
+
 def _numel(x) -> int:
     try:
         return int(x.numel()) if isinstance(x, torch.Tensor) else 0
@@ -474,7 +480,8 @@ class Footprint:
       check the other threads wait.)
     * ``spy.work``: multiply-adds of matrix products plus elements produced by every other
       torch operation (reductions: elements read; views: free), and ``spy.arithmetic``, the
-      same without pure data movement (copies, conversions, indexing, padding, creation).
+      same without pure data movement (copies, conversions, indexing, padding, creation);
+      ``spy.products``, the multiply-adds of the matrix products (and fused attention) alone.
       Work done in NumPy or plain Python is not counted: exercises that count work say
       "use torch operations", and reject an answer whose arithmetic is not in torch.
     """
@@ -495,6 +502,8 @@ class Footprint:
                     units, arithmetic = 0, False
                 spy.work += units
                 spy.arithmetic += units if arithmetic else 0
+                if func._schema.name.split("::")[-1] in _PRODUCTS:
+                    spy.products += units
                 for t in tree_leaves(out):
                     if isinstance(t, torch.Tensor):
                         try:
@@ -506,7 +515,7 @@ class Footprint:
                 return out
 
         self.largest, self.shape = 0, None
-        self.work = self.arithmetic = 0
+        self.work = self.arithmetic = self.products = 0
         self.host_bytes = 0
         self._host = host
         self._started = False

@@ -21,7 +21,7 @@ from ..flash import flash2_hbm_bytes as _flash2_hbm_bytes
 from ..flash import flash_attention as _flash_attention
 from ..flash import flash_hbm_bytes as _flash_hbm_bytes
 from ..flash import merge_attention as _merge_attention
-from ._core import Case, Exercise, LargestTensor, matches
+from ._core import Case, Exercise, Footprint, matches
 
 
 def _gen(seed):
@@ -284,49 +284,20 @@ def _causal_forward_hint(case, got, expected):
     return None
 
 
-class _MultiplyAdds:
-    """Counts the multiply-adds of the matrix products run while active (this thread only)."""
-
-    def __init__(self):
-        from torch.utils._python_dispatch import TorchDispatchMode
-
-        spy = self
-
-        class _Mode(TorchDispatchMode):
-            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-                out = func(*args, **(kwargs or {}))
-                name = getattr(func, "__name__", "")
-                base = name.split(".")[0]
-                if base in ("mm", "bmm", "addmm", "baddbmm", "mv", "dot", "addmv"):
-                    a = args[1] if base in ("addmm", "baddbmm", "addmv") else args[0]
-                    spy.count += out.numel() * a.shape[-1]
-                return out
-
-        self.count = 0
-        self._mode = _Mode()
-
-    def __enter__(self):
-        self._mode.__enter__()
-        return self
-
-    def __exit__(self, *exc):
-        return self._mode.__exit__(*exc)
-
-
 def _causal_forward_verify(case, fn, got):
     q, k, v, bq, bk = case.args
     L_q, L_k = q.shape[0], k.shape[0]
     if (L_q, L_k) != (64, 64):
         return None
-    with LargestTensor() as spy, _MultiplyAdds() as work:
+    with Footprint(host=False) as spy:
         fn(q.clone(), k.clone(), v.clone(), bq, bk)
     if spy.largest >= L_q * L_k // 2:
         return (f"the values are right, but your function created a tensor of shape {spy.shape} "
                 f"({spy.largest:,} elements for L_q x L_k = {L_q * L_k:,}): build the mask of one tile "
                 f"at a time, from the tile's positions, never an L x L mask or score matrix.")
     full = L_q * L_k * (q.shape[1] + v.shape[1])
-    if work.count > 0.75 * full:
-        return (f"the values are right, but your loop did {work.count:,} multiply-adds, as many as "
+    if spy.products > 0.75 * full:
+        return (f"the values are right, but your loop did {spy.products:,} multiply-adds, as many as "
                 f"full attention ({full:,}): skip the key tiles whose first key comes after the tile's last "
                 f"query (they hold no allowed pair), instead of computing and masking them.")
     return None
