@@ -496,10 +496,11 @@ def test_sparse_selected_attention_details():
         modern.indexer_topk(torch.randn(5, 5), 0)
 
 
-# --- chapter 8's exercises: each mistake is rejected, with the hint that names it -------------------
+# --- chapter 11's exercises: each mistake is rejected, with the hint that names it -------------------
 
 @pytest.mark.parametrize("name", ["modern.mla_cache_bytes", "modern.absorbed_query_weight", "modern.delta_rule_step",
-                                  "modern.causal_linear_attention", "modern.indexer_topk_mask", "modern.global_layers"])
+                                  "modern.delta_chunk", "modern.causal_linear_attention", "modern.indexer_topk_mask",
+                                  "modern.global_layers"])
 def test_solutions_pass_strictly(name, capsys):
     assert check(name, solution(name), strict=True)
 

@@ -1,5 +1,6 @@
-"""Exercises: the MLA cache, the absorbed query, one delta-rule step, causal linear
-attention, a causal top-k selection mask, and the global layers of a local/global stack.
+"""Exercises: the MLA cache, the absorbed query, one delta-rule step, one chunk of the delta rule
+in its parallel (WY/UT) form, causal linear attention, a causal top-k selection mask, and the
+global layers of a local/global stack.
 
 The expected answers come from :mod:`attn_course.modern`, bound here when the module is imported
 (a learner who rebinds ``modern.linear_attention`` in a notebook cannot change what is
@@ -24,6 +25,7 @@ from ._core import (
     Case,
     Exercise,
     any_precision,
+    clone_tree,
     fact,
     first_match,
     in_both_precisions,
@@ -35,6 +37,7 @@ _kv_cache_bytes_at = modern.kv_cache_bytes_at
 _AttentionConfig = modern.AttentionConfig
 _absorbed_weights = modern.MultiHeadLatentAttention.absorbed_weights
 _delta_rule_step = modern.delta_rule_step
+_gated_delta_rule = modern.gated_delta_rule
 _linear_attention = modern.linear_attention
 _indexer_topk_mask = modern.indexer_topk_mask
 _global_layers = modern.global_layers
@@ -268,6 +271,167 @@ def _delta_hint(case, got, expected):
     return first_match(got, expected, _delta_variants(*case.args))
 
 
+# --- modern.delta_chunk ---------------------------------------------------------------------------
+# One chunk of the delta rule (DeltaNet, gate = 1) in the parallel form of Yang et al. (2024):
+# with S_0 the state before the chunk, the written vectors u_t = beta_t (v_t - S_{t-1} k_t) solve
+# (I + A) U = diag(beta) (V - K S_0^T), A_ts = beta_t k_t . k_s for s < t; then
+# O = Q S_0^T + (Q K^T, lower triangle with the diagonal) U and S_C = S_0 + U^T K.
+# Mistakes, and the cases that catch them:
+#   - the additive update, U = diag(beta) V (no triangular solve): every case with C > 1 or S_0 != 0;
+#   - starting from a zero state (the chunk forgets `state`): the cases with S_0 != 0;
+#   - (I - A) instead of (I + A): the cases with C > 1;
+#   - the output mask without its diagonal (o_t read before token t's write): every case;
+#   - the correction without S_0 (v - S_0 k dropped from the right-hand side): the cases with S_0 != 0;
+#   - a loop over the tokens (right values): caught by `verify` on the C = 64 case, which counts
+#     the torch operations called.
+
+def _chunk_solution(state, query, key, value, beta):
+    C = key.shape[-2]
+    b = beta[..., :, None]                                                 # (..., C, 1)
+    A = (b * (key @ key.transpose(-2, -1))).tril(-1)                       # beta_t k_t . k_s, s < t
+    eye = torch.eye(C, dtype=key.dtype, device=key.device)
+    rhs = b * (value - key @ state.transpose(-2, -1))                      # beta_t (v_t - S_0 k_t)
+    U = torch.linalg.solve_triangular(eye + A, rhs, upper=False)           # (..., C, d_v)
+    out = query @ state.transpose(-2, -1) + (query @ key.transpose(-2, -1)).tril() @ U
+    return out, state + U.transpose(-2, -1) @ key
+
+
+def _chunk_expected(state, query, key, value, beta):
+    return _gated_delta_rule(query, key, value, beta, torch.ones_like(beta), initial_state=state)
+
+
+_CHUNK_LONG = 64
+
+
+def _chunk_cases():
+    g = _gen(84)
+
+    def unit(*shape):
+        return F.normalize(torch.randn(*shape, generator=g, dtype=torch.float64), dim=-1)
+
+    def randn(*shape):
+        return torch.randn(*shape, generator=g, dtype=torch.float64)
+
+    def rand(*shape):
+        return torch.rand(*shape, generator=g, dtype=torch.float64)
+
+    def zeros(*shape):
+        return torch.zeros(*shape, dtype=torch.float64)
+
+    def with_zero(beta):
+        beta = beta.clone()
+        beta.view(-1)[:: 3] = 0.0
+        return beta
+
+    def case(text, lead, C, d_k, d_v, *, state=True, beta=None):
+        S = randn(*lead, d_v, d_k) if state else zeros(*lead, d_v, d_k)
+        b = rand(*lead, C) if beta is None else beta
+        return Case(text, (S, unit(*lead, C, d_k), unit(*lead, C, d_k), randn(*lead, C, d_v), b))
+
+    cases = [
+        case("(B, H) = (1, 2), one token, a zero state, beta 0 and 0.5, d_v = 3, d_k = 4", (1, 2), 1, 4, 3,
+             state=False, beta=torch.tensor([[[0.0], [0.5]]], dtype=torch.float64)),
+        case("no batch or head axes, 7 tokens, a random state, beta 0 and 1 among others, d_v = 2, d_k = 3",
+             (), 7, 3, 2, beta=torch.tensor([0.0, 1.0, 0.3, 1.0, 0.0, 0.7, 0.5], dtype=torch.float64)),
+        case("no batch or head axes, one token, a random state, d_v = 2, d_k = 3", (), 1, 3, 2),
+        case("(B, H) = (2, 2), 5 tokens, a zero state, d_v = d_k = 4", (2, 2), 5, 4, 4, state=False),
+        case("(B, H) = (1, 3), 16 tokens, a random state, d_v = d_k = 8", (1, 3), 16, 8, 8),
+        case("(B, H) = (2, 1), 9 tokens, beta = 1 everywhere, a random state, d_v = 5, d_k = 6", (2, 1), 9, 6, 5,
+             beta=torch.ones(2, 1, 9, dtype=torch.float64)),
+    ]
+    cases.append(case(f"(B, H) = (1, 2), C = {_CHUNK_LONG} tokens, a random state, beta 0 every third "
+                      f"token, d_v = 4, d_k = 8: no loop over the tokens", (1, 2), _CHUNK_LONG, 8, 4,
+                      beta=with_zero(rand(1, 2, _CHUNK_LONG))))
+    return in_both_precisions(cases)
+
+
+_CHUNK_CONDITIONS = {
+    "one token (C = 1)": lambda S, q, k, v, b: k.shape[-2] == 1,
+    "several tokens": lambda S, q, k, v, b: k.shape[-2] > 1,
+    "a zero state": lambda S, q, k, v, b: not bool(S.any()),
+    "a state that is not zero": lambda S, q, k, v, b: bool(S.any()),
+    "beta = 0 somewhere (a token that writes nothing)": lambda S, q, k, v, b: bool((b == 0).any()),
+    "batch and head axes": lambda S, q, k, v, b: S.ndim == 4,
+    "d_v != d_k": lambda S, q, k, v, b: S.shape[-1] != S.shape[-2],
+    f"C = {_CHUNK_LONG}: no loop over the tokens": lambda S, q, k, v, b: k.shape[-2] >= _CHUNK_LONG,
+}
+_CHUNK_EXCLUSIVE = (("one token (C = 1)", "several tokens"),
+                    ("a zero state", "a state that is not zero"),
+                    ("one token (C = 1)", f"C = {_CHUNK_LONG}: no loop over the tokens"),
+                    ("a zero state", f"C = {_CHUNK_LONG}: no loop over the tokens"))
+
+
+def _chunk_variants(S, q, k, v, beta):
+    S, q, k, v, beta = (t.double() for t in (S, q, k, v, beta))
+    C = k.shape[-2]
+    b = beta[..., :, None]
+    kk, qk = k @ k.transpose(-2, -1), q @ k.transpose(-2, -1)
+    eye = torch.eye(C, dtype=torch.float64)
+    A = (b * kk).tril(-1)
+    rhs = b * (v - k @ S.transpose(-2, -1))
+    zero = torch.zeros_like(S)
+
+    def finish(U, start=S, diagonal=0):                                    # (outputs, new state)
+        return q @ start.transpose(-2, -1) + qk.tril(diagonal) @ U, start + U.transpose(-2, -1) @ k
+
+    U = torch.linalg.solve_triangular(eye + A, rhs, upper=False)
+    return [
+        (finish(b * v), "that is the additive update (linear attention): the delta rule writes "
+                        "u_t = beta_t (v_t - S_{t-1} k_t), which is what the triangular system (I + A) U = ... solves."),
+        (finish(torch.linalg.solve_triangular(eye + A, b * v, upper=False), start=zero),
+         "start from the given state S_0: it enters the outputs (Q S_0^T), the correction (v_t - S_0 k_t) "
+         "and the new state (S_0 + U^T K)."),
+        (finish(torch.linalg.solve_triangular(eye - A, rhs, upper=False)),
+         "check the sign: u_t + sum_{s<t} beta_t (k_t . k_s) u_s = beta_t (v_t - S_0 k_t), so the system is "
+         "(I + A) U, not (I - A) U."),
+        (finish(U, diagonal=-1), "o_t = S_t q_t reads the state after token t's own write: the mask of "
+                                      "Q K^T keeps the diagonal (s <= t)."),
+        (finish(torch.linalg.solve_triangular(eye + A, b * v, upper=False)),
+         "the first write also corrects what S_0 holds: the right-hand side is beta_t (v_t - S_0 k_t)."),
+    ]
+
+
+def _chunk_hint(case, got, expected):
+    return first_match(got, expected, _chunk_variants(*case.args))
+
+
+class _OpCount:
+    """Counts the torch operations called while active (a loop over C tokens calls O(C) of them)."""
+
+    def __enter__(self):
+        from torch.utils._python_dispatch import TorchDispatchMode
+
+        counter = self
+
+        class _Mode(TorchDispatchMode):
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                if not getattr(func, "is_view", False):
+                    counter.calls += 1
+                return func(*args, **(kwargs or {}))
+
+        self.calls = 0
+        self._mode = _Mode()
+        self._mode.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        return self._mode.__exit__(*exc)
+
+
+def _chunk_verify(case, fn, got):
+    C = case.args[2].shape[-2]
+    if C < _CHUNK_LONG:
+        return None
+    with _OpCount() as spy:
+        fn(*clone_tree(case.args))
+    if spy.calls > C:
+        return (f"the values are right, but your function called {spy.calls} torch operations for a chunk of "
+                f"C = {C} tokens: a loop over the tokens (or a forward substitution written in Python) calls "
+                f"a few per token. The chunked form does the whole chunk in a fixed number of operations: "
+                f"the matrix A, one torch.linalg.solve_triangular for U, and a few matrix products.")
+    return None
+
+
 # --- modern.causal_linear_attention -------------------------------------------------------------
 # Mistakes: summing over all keys, not a prefix (cases with L > 1); an exclusive prefix that
 # leaves out the current token (cases with L > 1; the first query then divides 0 by 0); no
@@ -489,6 +653,11 @@ EXERCISES = [
              "-> new state (..., d_v, d_k); state may be updated in place (then return it)",
              _delta_cases, _delta_rule_step, _delta_solution, _delta_hint, may_modify=(0, "state"),
              conditions=_DELTA_CONDITIONS, exclusive=_DELTA_EXCLUSIVE),
+    Exercise("modern.delta_chunk",
+             "delta_chunk(state (..., d_v, d_k), query (..., C, d_k), key (..., C, d_k), value (..., C, d_v), "
+             "beta (..., C)) -> (outputs (..., C, d_v), new state (..., d_v, d_k)), gate = 1, no loop over tokens",
+             _chunk_cases, _chunk_expected, _chunk_solution, _chunk_hint, verify=_chunk_verify,
+             conditions=_CHUNK_CONDITIONS, exclusive=_CHUNK_EXCLUSIVE),
     Exercise("modern.causal_linear_attention",
              "causal_linear_attention(query, key, value) -> (..., L, d_v), with phi(x) = elu(x) + 1, "
              "with torch operations, without an L x L matrix, work linear in L",
