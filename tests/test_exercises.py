@@ -806,6 +806,12 @@ WRONG = [
     ("sparse.performer_attention", _favor("no scale"), "d\\*\\*-0.25 each", None),
     ("sparse.performer_attention", _favor("query only"), "BOTH", None),
     ("sparse.performer_attention", _favor("untransposed"), "x @ omega.T", None),
+    # chapter 7's new exercises (more cases in tests/test_exercises_sparse_variants.py)
+    ("sparse.lsh_buckets", lambda x, R: (x @ R).argmax(-1), "both signs", None),
+    ("sparse.lsh_buckets", lambda x, R: (x @ R).abs().argmax(-1), "the sign matters", None),
+    ("sparse.causal_window_mask_mod", lambda b, h, q, k, window: (q - k).abs() <= window, "causal", None),
+    ("sparse.causal_window_mask_mod", lambda b, h, q, k, window: (q >= k) & (q - k < window), "w \\+ 1 keys",
+     None),
 ]
 
 

@@ -268,3 +268,41 @@ def test_fit_parallel_shared_data_and_bad_input():
 def test_bad_input_names_the_argument(call, exc, word):
     with pytest.raises(exc, match=word):
         call()
+
+
+@given(st.sampled_from([4, 8, 16, 64]), st.floats(1.0, 32.0), st.floats(100.0, 1e6))
+def test_ntk_scaled_base_keeps_the_fastest_frequency_and_stretches_the_slowest(dim, scale, base):
+    from attn_course.positional import rope_scaled_base
+
+    new = rope_scaled_base(base, scale, dim)
+    i = torch.arange(0, dim, 2, dtype=torch.float64)
+    old_f, new_f = base ** (-i / dim), new ** (-i / dim)
+    assert new_f[0] == 1.0
+    assert math.isclose(float(old_f[-1] / new_f[-1]), scale, rel_tol=1e-9)
+    assert torch.all(new_f <= old_f * (1 + 1e-12))                        # every frequency slows, none speeds up
+
+
+def test_rope_scale_and_base_are_position_interpolation_and_a_new_base():
+    torch.manual_seed(0)
+    layer = PositionalSelfAttention(8, 2, "rope")
+    x = torch.randn(2, 10, 8)
+    plain, _ = layer(x)
+    layer.rope_scale, layer.rope_base = 2.5, 777.0
+    got, _ = layer(x)
+    # the same layer computed by hand: positions / 2.5, base 777
+    q, k, v = (t.view(2, 10, 2, 4).transpose(1, 2) for t in layer.qkv(x).chunk(3, dim=-1))
+    pos = torch.arange(10) / 2.5
+    q, k = apply_rope(q, pos, 777.0), apply_rope(k, pos, 777.0)
+    s = (q @ k.transpose(-2, -1) / 2).masked_fill(~torch.ones(10, 10, dtype=torch.bool).tril(), float("-inf"))
+    ref = layer.out((torch.softmax(s, -1) @ v).transpose(1, 2).reshape(2, 10, 8))
+    assert torch.allclose(got, ref, atol=1e-5) and not torch.allclose(got, plain, atol=1e-3)
+    layer.rope_scale, layer.rope_base = 1.0, 10000.0
+    assert torch.equal(layer(x)[0], plain)
+
+
+@pytest.mark.parametrize("args, word", [((0.0, 2.0, 8), "base"), ((1e4, -1.0, 8), "scale"), ((1e4, 2.0, 3), "dim")])
+def test_rope_scaled_base_bad_input_names_the_argument(args, word):
+    from attn_course.positional import rope_scaled_base
+
+    with pytest.raises(ValueError, match=word):
+        rope_scaled_base(*args)

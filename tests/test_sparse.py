@@ -242,3 +242,22 @@ def test_strided_layout_closed_form():
     assert torch.equal(S.strided_layout(4, band=0, stride=1), torch.ones(4, 4, dtype=torch.bool))
     with pytest.raises(ValueError, match="band"):
         S.strided_layout(4, band=-1)
+
+
+@given(st.integers(1, 6), st.integers(1, 5), st.integers(0, 1000))
+def test_lsh_buckets_depend_on_the_direction_only(n, d, seed):
+    g = torch.Generator().manual_seed(seed)
+    x, R = torch.randn(3, 9, d, generator=g, dtype=torch.float64), torch.randn(d, n, generator=g, dtype=torch.float64)
+    buckets = S.lsh_buckets(x, R)
+    assert buckets.dtype == torch.int64 and buckets.shape == (3, 9)
+    assert int(buckets.min()) >= 0 and int(buckets.max()) < 2 * n
+    scale = torch.rand(3, 9, 1, generator=g, dtype=torch.float64) * 100 + 1e-3
+    assert torch.equal(S.lsh_buckets(x * scale, R), buckets)                 # length does not matter
+    assert torch.equal(S.lsh_buckets(-x, R), (buckets + n) % (2 * n))         # the opposite direction
+
+
+def test_lsh_buckets_bad_input_names_the_argument():
+    with pytest.raises(ValueError, match="rotations"):
+        S.lsh_buckets(torch.randn(4, 3), torch.randn(2, 2))
+    with pytest.raises(TypeError, match="x"):
+        S.lsh_buckets(torch.arange(6).view(2, 3), torch.randn(3, 2))

@@ -25,6 +25,7 @@ from attn_course.variants import (
     sample_hard,
     scorer_gradient_draws,
     shifted_copy_task,
+    window_recall_task,
 )
 
 
@@ -199,6 +200,9 @@ def test_conv_tagger_shapes():
      ValueError, "draws"),
     (lambda: receptive_field(lambda x: x, 5, 1, 7), ValueError, "position"),
     (lambda: conv_receptive_field(0, 3), ValueError, "num_layers"),
+    (lambda: window_recall_task(2, 36, 4, num_keys=7), ValueError, "num_keys"),
+    (lambda: window_recall_task(2, 8, 4), ValueError, "length"),
+    (lambda: window_recall_task(2, 36, 0), ValueError, "window"),
 ])
 def test_bad_input_names_the_argument(call, exc, word):
     with pytest.raises(exc, match=word):
@@ -340,3 +344,39 @@ def test_fit_seeds_equals_separate_trainings():
             opt.step()
         for a, b in zip(models[m].parameters(), ref.parameters()):
             torch.testing.assert_close(a, b, atol=1e-9, rtol=1e-7)
+
+
+@given(st.integers(1, 4), st.integers(0, 12), st.integers(0, 3), st.integers(0, 1000))
+def test_window_recall_task_against_a_loop(window, extra_length, extra_keys, seed):
+    L, num_keys, V = 2 * window + 1 + extra_length, 2 * window + extra_keys, 5
+    x, y = window_recall_task(3, L, window, num_keys, V, generator=torch.Generator().manual_seed(seed))
+    keys, symbols, query_keys = x[..., :num_keys], x[..., num_keys:num_keys + V], x[..., num_keys + V:]
+    assert x.shape == (3, L, 2 * num_keys + V) and torch.equal(symbols.sum(-1), torch.ones(3, L))
+    block = 2 * window + 1
+    for b in range(3):
+        for t in range(L):
+            start = t - t % block
+            if t % block == window and start + block <= L:            # a query
+                assert query_keys[b, t].sum() == 1 and keys[b, t].sum() == 0
+                nbrs = [start + o for o in range(block) if o != window]
+                assert len({int(keys[b, j].argmax()) for j in nbrs}) == 2 * window      # distinct keys
+                match = [j for j in nbrs if torch.equal(keys[b, j], query_keys[b, t])]
+                assert len(match) == 1 and y[b, t] == symbols[b, match[0]].argmax()
+            else:
+                assert y[b, t] == -100 and query_keys[b, t].sum() == 0
+
+
+def test_local_attention_solves_window_recall_where_a_cnn_does_not():
+    g = torch.Generator().manual_seed(0)
+    x_t, y_t = window_recall_task(200, 36, 4, generator=torch.Generator().manual_seed(1))
+    accuracy = {}
+    for name, make in {"attention": lambda: LocalAttentionTagger(24, 8, 4),
+                       "cnn": lambda: ConvTagger(24, 8, 4, hidden=32, depth=2)}.items():
+        torch.manual_seed(0)
+        model = make()
+        fit_stream(model, lambda step: window_recall_task(32, 36, 4, generator=g), loss_fn=sequence_cross_entropy,
+                   steps=300, lr=1e-2)
+        keep = y_t != -100
+        with torch.no_grad():
+            accuracy[name] = (model(x_t)[0].argmax(-1)[keep] == y_t[keep]).float().mean().item()
+    assert accuracy["attention"] > 0.95 and accuracy["cnn"] < 0.6, accuracy

@@ -25,6 +25,7 @@ from .train import fit_stacked
 __all__ = [
     "sinusoidal_encoding",
     "apply_rope",
+    "rope_scaled_base",
     "alibi_slopes",
     "alibi_bias",
     "LearnedPositionalEmbedding",
@@ -124,6 +125,33 @@ def apply_rope(x: torch.Tensor, positions: torch.Tensor | None = None, base: flo
     x1, x2 = x[..., 0::2].to(work), x[..., 1::2].to(work)
     out = torch.stack([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1)  # (..., L, d/2, 2)
     return out.flatten(-2).to(x.dtype)
+
+
+def rope_scaled_base(base: float, scale: float, dim: int) -> float:
+    r"""NTK-aware RoPE scaling (bloc97, 2023): the base that stretches RoPE's slowest
+    frequency by ``scale`` while leaving the fastest one unchanged.
+
+    .. math:: b' = b \cdot s^{d / (d - 2)}
+
+    With frequencies :math:`b^{-2i/d}`, ``i = 0 .. d/2 - 1``, the fastest (``i = 0``) stays 1 and
+    the slowest (``i = d/2 - 1``) becomes :math:`b^{-(d-2)/d} / s`: interpolation for the slow
+    pairs, which would otherwise meet angles never seen in training, and none for the fast
+    ones, which tell near positions apart. Position interpolation (Chen et al., 2023) instead
+    divides every position by ``s``. YaRN (Peng et al., 2023) blends the two per frequency.
+
+    Example:
+        >>> from attn_course.positional import _frequencies, rope_scaled_base
+        >>> new = rope_scaled_base(10000.0, 4.0, 8)
+        >>> old_f, new_f = _frequencies(8, 10000.0), _frequencies(8, new)
+        >>> round(float(new_f[0]), 6), round(float(old_f[-1] / new_f[-1]), 6)   # fastest kept, slowest / 4
+        (1.0, 4.0)
+    """
+    base = _checks.positive_number("base", base)
+    scale = _checks.positive_number("scale", scale)
+    dim = _checks.positive_number("dim", dim, integer=True)
+    if dim < 4 or dim % 2:
+        raise ValueError(f"dim must be even and at least 4, got {dim}")
+    return base * scale ** (dim / (dim - 2))
 
 
 def alibi_slopes(num_heads: int) -> torch.Tensor:
@@ -311,6 +339,10 @@ class PositionalSelfAttention(nn.Module):
             raise ValueError(f"rope needs an even head width, got embed_dim/num_heads = {self.head_dim}")
         self.qkv = nn.Linear(embed_dim, 3 * embed_dim)
         self.out = nn.Linear(embed_dim, embed_dim)
+        # RoPE at inference past the trained length (no effect on other encodings): positions are
+        # divided by rope_scale (position interpolation, Chen et al., 2023) and the frequencies
+        # use rope_base (raised for NTK-aware scaling, bloc97, 2023). See :func:`rope_scaled_base`.
+        self.rope_scale, self.rope_base = 1.0, 10000.0
         if encoding == "relative":
             self.rel_k = RelativePositionEmbedding(max_distance, self.head_dim)
             self.rel_v = RelativePositionEmbedding(max_distance, self.head_dim)
@@ -320,7 +352,8 @@ class PositionalSelfAttention(nn.Module):
         B, L, _ = x.shape
         q, k, v = (split_heads(t, self.num_heads) for t in self.qkv(x).chunk(3, dim=-1))  # (B, H, L, d)
         if self.encoding == "rope":
-            q, k = apply_rope(q), apply_rope(k)
+            pos = torch.arange(L, device=x.device, dtype=torch.float32) / self.rope_scale
+            q, k = apply_rope(q, pos, self.rope_base), apply_rope(k, pos, self.rope_base)
         scores = q @ k.transpose(-2, -1)                                # (B, H, L, L)
         if self.encoding == "relative":
             a_k = self.rel_k(L, L)                                      # (L, L, d)

@@ -37,6 +37,7 @@ __all__ = [
     "performer_attention",
     "lsh_attention",
     "lsh_mask",
+    "lsh_buckets",
     "dense_attention",
     "flex_available",
 ]
@@ -636,6 +637,33 @@ def _lsh_chunks(query, key, bucket_size: int, n_hashes: int, seed: int):
         orders.append(order)
         chunks.append((rank // bucket_size).to(torch.int32))
     return orders, chunks
+
+
+def lsh_buckets(x: torch.Tensor, rotations: torch.Tensor) -> torch.Tensor:
+    r"""Angular LSH (Kitaev et al., 2020, after Andoni et al., 2015): the bucket of each vector.
+
+    .. math:: h(\mathbf x) = \arg\max\,[\mathbf x R;\, -\mathbf x R]
+
+    ``x (..., L, d)`` and ``rotations R (d, n_buckets / 2)`` give ``(..., L)`` bucket ids
+    (int64) in ``[0, n_buckets)``: bucket ``j`` when column ``j`` of ``R`` is the direction
+    most aligned with ``x``, ``j + n_buckets / 2`` when its opposite is. Vectors close in angle
+    land in the same bucket with high probability; the length of ``x`` does not matter.
+    :func:`lsh_attention` hashes queries and keys this way, one random ``R`` per round.
+
+    Example:
+        >>> import torch
+        >>> from attn_course.sparse import lsh_buckets
+        >>> R = torch.eye(2)                                       # 4 buckets: +e1, +e2, -e1, -e2
+        >>> lsh_buckets(torch.tensor([[3.0, 1.0], [0.0, 2.0], [-5.0, 1.0], [1.0, -4.0]]), R).tolist()
+        [0, 1, 2, 3]
+    """
+    _checks.float_tensor("x", x)
+    _checks.float_tensor("rotations", rotations, ndim=2)
+    if x.ndim < 1 or x.shape[-1] != rotations.shape[0]:
+        raise ValueError(f"rotations must have shape (d, n) with d = x.shape[-1] = {x.shape[-1]}, "
+                         f"got {tuple(rotations.shape)}")
+    proj = x @ rotations.to(x.dtype)                                                     # (..., L, n / 2)
+    return torch.cat([proj, -proj], dim=-1).argmax(-1)
 
 
 def lsh_mask(query, key, bucket_size: int = 64, n_hashes: int = 4, *, seed: int = 0) -> torch.Tensor:

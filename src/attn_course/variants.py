@@ -38,6 +38,7 @@ __all__ = [
     "ConvTagger",
     "DynamicConvTagger",
     "shifted_copy_task",
+    "window_recall_task",
     "fit_seeds",
     "receptive_field",
     "conv_receptive_field",
@@ -609,6 +610,65 @@ def shifted_copy_task(num_examples: int, length: int = 36, shift: int = 3, vocab
     y = torch.full((n, L), -100)
     y[:, shift:] = symbols[:, :-shift]
     return F.one_hot(symbols, V).float(), y
+
+
+def window_recall_task(num_examples: int, length: int = 36, window: int = 4, num_keys: int | None = None,
+                       vocab_size: int = 8, *, generator: torch.Generator | None = None
+                       ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Associative recall inside a window (chapter 3): a task whose answer needs weights
+    computed from query-key *pairs*.
+
+    The sequence is cut into blocks of ``2 * window + 1`` positions. The centre of each
+    block is a query: it carries a query key. Its ``2 * window`` neighbours carry distinct
+    keys (a random draw of ``2 * window`` of the ``num_keys`` keys, default ``2 * window``)
+    and random symbols; exactly one neighbour carries the query's key, at a random offset.
+    The query's target is that neighbour's symbol; other positions have target ``-100``
+    (ignored). Features per position: neighbour key (one-hot), symbol (one-hot; the query
+    carries a random distractor symbol) and query key (one-hot, zero except at queries).
+    Where to look depends on the query *and* on every neighbour's key: a kernel computed
+    from one position (dynamic convolution) or fixed per offset (CNN) cannot point there.
+
+    Returns ``x (num_examples, length, 2 * num_keys + vocab_size)`` and targets
+    ``(num_examples, length)``.
+
+    Example:
+        >>> import torch
+        >>> from attn_course.variants import window_recall_task
+        >>> x, y = window_recall_task(1, length=10, window=2, generator=torch.Generator().manual_seed(0))
+        >>> tuple(x.shape), (y[0] != -100).nonzero().flatten().tolist()   # queries at 2 and 7
+        ((1, 10, 16), [2, 7])
+        >>> keys, symbols, query_keys = x[0, :, :4], x[0, :, 4:12], x[0, :, 12:]
+        >>> match = (keys[:5] @ query_keys[2]).nonzero().item()          # the neighbour with the key
+        >>> y[0, 2].item() == symbols[match].argmax().item()
+        True
+    """
+    n = _checks.positive_number("num_examples", num_examples, integer=True)
+    L = _checks.positive_number("length", length, integer=True)
+    w = _checks.positive_number("window", window, integer=True)
+    V = _checks.positive_number("vocab_size", vocab_size, integer=True)
+    num_keys = 2 * w if num_keys is None else _checks.positive_number("num_keys", num_keys, integer=True)
+    if num_keys < 2 * w:
+        raise ValueError(f"num_keys={num_keys} must be at least 2 * window = {2 * w}")
+    block = 2 * w + 1
+    if L < block:
+        raise ValueError(f"length={L} must hold at least one block of 2 * window + 1 = {block}")
+    nb = L // block
+    keys = torch.rand(n, nb, num_keys, generator=generator).argsort(-1)[..., :2 * w]      # distinct
+    pick = torch.randint(0, 2 * w, (n, nb), generator=generator)                          # which neighbour
+    query_key = keys.gather(-1, pick[..., None])[..., 0]
+    symbols = torch.randint(0, V, (n, L), generator=generator)
+    key_feat = torch.zeros(n, L, num_keys)
+    query_feat = torch.zeros(n, L, num_keys)
+    neighbours = torch.tensor([o for o in range(block) if o != w])                         # offsets in a block
+    starts = torch.arange(nb) * block
+    pos = starts[:, None] + neighbours[None, :]                                            # (nb, 2w)
+    key_feat[:, pos.flatten()] = F.one_hot(keys, num_keys).float().view(n, -1, num_keys)
+    centre = starts + w
+    query_feat[:, centre] = F.one_hot(query_key, num_keys).float()
+    y = torch.full((n, L), -100)
+    y[:, centre] = symbols.gather(1, pos.flatten()[None].expand(n, -1)).view(n, nb, 2 * w).gather(
+        -1, pick[..., None])[..., 0]
+    return torch.cat([key_feat, F.one_hot(symbols, V).float(), query_feat], dim=-1), y
 
 
 def fit_seeds(make_model: Callable[[], nn.Module], seeds: Sequence[int],

@@ -279,8 +279,9 @@ def _alibi_hint(case, got, expected):
     plain = torch.tensor([2 ** (-8 * (k + 1) / n) for k in range(n)], dtype=torch.float64)
     from_zero = torch.tensor([2 ** (-8 * k / n) for k in range(n)], dtype=torch.float64)
     return first_match(got, expected, [
-        (plain, "for a head count that is not a power of two, take the slopes of the largest power "
-                "of two below it, then every other slope of twice that many heads."),
+        (plain, "for a head count that is not a power of two, the reference code's workaround (the paper "
+                "trains only powers of two): the slopes of the largest power of two below it, then every "
+                "other slope of twice that many heads."),
         (from_zero, "count k from 1: the slopes are 2**(-8k/n) for k = 1 .. n (the first is below 1).")])
 
 

@@ -1,5 +1,6 @@
 """Exercises: a dilated mask, counting the pairs a pattern keeps, top-k attention,
-banded attention that never builds L x L, and Performer's positive random features.
+banded attention that never builds L x L, Performer's positive random features, Reformer's
+LSH hash, and a FlexAttention ``mask_mod`` (also run through FlexAttention where torch has it).
 
 Expected answers come from package functions bound here at import time. The two linear-
 cost exercises are also checked for what they allocate and for the work they do: a case
@@ -16,6 +17,7 @@ names a mistake only when the answer is that mistake (``_core.Hint``). Each exer
 from __future__ import annotations
 
 import math
+import warnings
 
 import torch
 import torch.nn.functional as F
@@ -23,6 +25,8 @@ import torch.nn.functional as F
 from ..sparse import _orthogonal_features
 from ..sparse import bigbird_layout as _bigbird_layout
 from ..sparse import dilated_window_mask as _dilated_window_mask
+from ..sparse import flex_available as _flex_available
+from ..sparse import lsh_buckets as _lsh_buckets
 from ..sparse import performer_attention as _performer_attention
 from ..sparse import sliding_window_attention as _sliding_window_attention
 from ..sparse import sliding_window_mask as _sliding_window_mask
@@ -37,6 +41,7 @@ from ._core import (
     first_match,
     generic,
     in_both_precisions,
+    mistake,
     square_free,
 )
 
@@ -470,6 +475,144 @@ def _favor_raise_hint(case, message):
     return None
 
 
+# --- sparse.lsh_buckets ------------------------------------------------------------------------------
+# bucket = argmax of [x R, -x R]. Mistakes: argmax of x R alone (half the buckets, the opposite
+# directions never used); the halves in the other order, [-x R, x R]; argmax of |x R| (the sign
+# dropped); argmin instead of argmax; the bucket as a float. Edge cases: one column (two buckets,
+# a sign test), more columns than d, vectors of very different lengths (length must not matter).
+
+def _lsh_solution(x, rotations):
+    proj = x @ rotations
+    return torch.cat([proj, -proj], dim=-1).argmax(dim=-1)
+
+
+def _lsh_cases():
+    g = torch.Generator().manual_seed(63)
+    r = lambda *s: torch.randn(*s, generator=g)  # noqa: E731
+    cases = []
+    for shape, n in (((10, 8), 4), ((6, 4), 1), ((2, 3, 12, 8), 8), ((1, 2, 16, 4), 6), ((2, 2, 6, 4), 1),
+                     ((7, 2), 3)):
+        x = r(*shape) * torch.exp(2 * r(*shape[:-1], 1))               # lengths from about 0.01 to 100
+        cases.append(Case(f"x {tuple(shape)}, {n} rotation column(s): {2 * n} buckets", (x, r(shape[-1], n))))
+    return in_both_precisions(cases)
+
+
+_LSH_CONDITIONS = {
+    "one column (two buckets: a sign test)": lambda x, R: R.shape[1] == 1,
+    "several columns": lambda x, R: R.shape[1] > 1,
+    "more columns than dimensions": lambda x, R: R.shape[1] > R.shape[0],
+    "leading batch and head dimensions": lambda x, R: x.ndim == 4,
+}
+_LSH_EXCLUSIVE = (("one column (two buckets: a sign test)", "several columns"),
+                  ("one column (two buckets: a sign test)", "more columns than dimensions"))
+
+
+def _lsh_hint(case, got, expected):
+    x, R = case.args
+    if not isinstance(got, torch.Tensor) or got.shape != expected.shape:
+        return None
+    if got.is_floating_point():
+        return mistake("bucket ids are integers: return the arg-max itself (int64), not a float tensor.",
+                       expected.double(), atol=0, rtol=0)
+    proj = x.double() @ R.double()
+    both = torch.cat([proj, -proj], dim=-1)
+    return first_match(got, expected, [
+        (proj.argmax(-1), "hash with both signs: argmax of [x R, -x R]. With x R alone the opposite "
+                          "directions (buckets n .. 2n - 1) are never used."),
+        (torch.cat([-proj, proj], dim=-1).argmax(-1), "the halves go in the order [x R, -x R]: bucket j for "
+                                                      "column j, bucket j + n for its opposite."),
+        (proj.abs().argmax(-1), "the sign matters: x and -x must land in different buckets "
+                                "(argmax of [x R, -x R], not of |x R|)."),
+        (both.argmin(-1), "the bucket is the best-aligned direction: argmax, not argmin.")], atol=0, rtol=0)
+
+
+# --- sparse.causal_window_mask_mod -----------------------------------------------------------------
+# A FlexAttention mask_mod(b, h, q_idx, kv_idx) with one more argument, the window: True where
+# query q_idx may see key kv_idx, 0 <= q_idx - kv_idx <= window. FlexAttention calls it on 0-d
+# index tensors under vmap; the checker calls it on broadcasting index tensors (a block of
+# queries against all keys). Mistakes: Python `and`/`abs`/`if` (fail on tensors); both sides
+# (|i - j| <= w, not causal); i - j < w (one key short); kv_idx - q_idx (looks at the future);
+# causal without the window. Edge cases: window 0 (the diagonal), a window longer than the
+# sequence (plain causal), a block of queries that does not start at 0.
+
+def _mask_mod_solution(b, h, q_idx, kv_idx, window):
+    diff = q_idx - kv_idx
+    return (diff >= 0) & (diff <= window)
+
+
+def _mask_mod_expected(b, h, q_idx, kv_idx, window):
+    L = int(max(q_idx.max(), kv_idx.max())) + 1
+    return _sliding_window_mask(L, window, is_causal=True)[q_idx.flatten()][:, kv_idx.flatten()]
+
+
+def _mask_mod_cases():
+    b, h = torch.tensor(0), torch.tensor(1)
+    cases = []
+    for (q0, q1), L, w in (((0, 8), 8, 2), ((0, 12), 12, 0), ((4, 12), 16, 3), ((0, 6), 6, 10), ((5, 6), 9, 4),
+                           ((0, 16), 16, 1), ((3, 9), 10, 0), ((7, 8), 8, 0), ((2, 8), 8, 20), ((4, 5), 5, 9)):
+        cases.append(Case(f"queries {q0}..{q1 - 1} against keys 0..{L - 1}, window {w}",
+                          (b, h, torch.arange(q0, q1)[:, None], torch.arange(L)[None, :], w)))
+    return cases
+
+
+_MASK_MOD_CONDITIONS = {
+    "window 0 (the diagonal alone)": lambda b, h, q, k, w: w == 0,
+    "a window longer than the sequence (plain causal)": lambda b, h, q, k, w: w >= k.shape[-1],
+    "a block of queries that does not start at 0": lambda b, h, q, k, w: int(q.min()) > 0,
+    "a single query": lambda b, h, q, k, w: q.numel() == 1,
+}
+_MASK_MOD_EXCLUSIVE = (("window 0 (the diagonal alone)", "a window longer than the sequence (plain causal)"),)
+
+
+def _mask_mod_hint(case, got, expected):
+    b, h, q, k, w = case.args
+    if not isinstance(got, torch.Tensor) or got.shape != expected.shape:
+        return None
+    diff = q - k
+    return first_match(got, expected, [
+        (diff.abs() <= w, "causal: a query must not see later keys, so keep 0 <= q_idx - kv_idx (not |q_idx - "
+                          "kv_idx|)."),
+        ((diff >= 0) & (diff < w), "a window of w keeps w + 1 keys, the query's own and w before it: "
+                                   "q_idx - kv_idx <= window."),
+        (((k - q) >= 0) & ((k - q) <= w), "the difference is q_idx - kv_idx: with kv_idx - q_idx each query "
+                                          "sees the keys after it."),
+        (diff >= 0, "also drop the keys more than `window` positions back: q_idx - kv_idx <= window.")],
+        atol=0, rtol=0)
+
+
+def _mask_mod_raise_hint(case, message):
+    if "ambiguous" in message:
+        return ("mask_mod receives tensors: combine conditions with & and |, not `and`/`or`, and use no "
+                "`if` on them (FlexAttention traces the function).")
+    return None
+
+
+def _mask_mod_verify(case, fn, got):
+    """Where FlexAttention exists (torch >= 2.5), also run the mask_mod through it on a small input."""
+    b, h, q, k, w = case.args
+    if not _flex_available() or int(q.min()) != 0 or q.numel() != k.numel():
+        return None
+    from functools import partial
+
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+    L = k.numel()
+    g = torch.Generator().manual_seed(64)
+    qq, kk, vv = (torch.randn(1, 1, L, 8, generator=g) for _ in range(3))
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")               # eager flex_attention warns that it is unfused
+            block_mask = create_block_mask(partial(fn, window=w), None, None, L, L, device="cpu", BLOCK_SIZE=L)
+            out = flex_attention(qq, kk, vv, block_mask=block_mask)
+    except Exception as exc:  # noqa: BLE001 - reported as the learner's problem
+        return (f"the values are right on index tensors, but FlexAttention could not use your mask_mod "
+                f"({type(exc).__name__}: {str(exc)[:200]}). It calls mask_mod on 0-d tensors under vmap: "
+                f"no `if`, `and`, `or` or .item() on them.")
+    ref = _dense(qq, kk, vv, _sliding_window_mask(L, w, is_causal=True))
+    if not torch.allclose(out.double(), ref, atol=1e-4):
+        return "FlexAttention with your mask_mod does not equal dense attention under the causal window."
+    return None
+
+
 EXERCISES = [
     Exercise("sparse.dilated_window_mask", "dilated_window_mask(length, window, dilation) -> (L, L) bool",
              _dilated_cases, _dilated_expected, _dilated_solution, _dilated_hint,
@@ -501,4 +644,15 @@ EXERCISES = [
              _favor_cases, _favor_expected, _favor_solution, _favor_hint, atol=1e-4, rtol=1e-3,
              verify=_FAVOR_VERIFY, raise_hint=_favor_raise_hint,
              conditions=_FAVOR_CONDITIONS, exclusive=_FAVOR_EXCLUSIVE),
+    Exercise("sparse.lsh_buckets",
+             "lsh_buckets(x (..., L, d), rotations (d, n)) -> (..., L) int64 bucket ids in [0, 2n): "
+             "argmax of [x R, -x R]",
+             _lsh_cases, _lsh_buckets, _lsh_solution, _lsh_hint, atol=0, rtol=0,
+             conditions=_LSH_CONDITIONS, exclusive=_LSH_EXCLUSIVE),
+    Exercise("sparse.causal_window_mask_mod",
+             "causal_window_mask_mod(b, h, q_idx, kv_idx, window) -> bool tensor, True where "
+             "0 <= q_idx - kv_idx <= window (a FlexAttention mask_mod with the window bound by partial)",
+             _mask_mod_cases, _mask_mod_expected, _mask_mod_solution, _mask_mod_hint, atol=0, rtol=0,
+             verify=_mask_mod_verify, raise_hint=_mask_mod_raise_hint, conditions=_MASK_MOD_CONDITIONS,
+             exclusive=_MASK_MOD_EXCLUSIVE),
 ]
