@@ -135,7 +135,7 @@ def test_reverse_task():
     assert torch.equal(dec_in[:, 1:], tgt[:, :-1])
 
 
-@pytest.mark.parametrize("attention", [False, True])
+@pytest.mark.parametrize("attention", [False, True, "uniform"])
 def test_greedy_decoding_agrees_with_the_teacher_forced_pass(attention):
     torch.manual_seed(0)
     model = Seq2Seq(10, 16, 32, attention=attention).eval()
@@ -149,6 +149,19 @@ def test_greedy_decoding_agrees_with_the_teacher_forced_pass(attention):
         torch.testing.assert_close(w.sum(-1), torch.ones(3, 7))
     else:
         assert weights is None and w is None
+
+
+def test_the_uniform_baseline_reads_the_plain_mean_of_the_encoder_states_whatever_the_query():
+    torch.manual_seed(0)
+    model = Seq2Seq(10, 16, 32, attention="uniform").double().eval()
+    src, dec_in, _ = reverse_task(3, 6, generator=torch.Generator().manual_seed(1))
+    logits, w = model(src, dec_in)
+    enc, summary = model.encode(src)
+    dec, _ = model.decoder(model.embed(dec_in), summary)
+    context = enc.mean(1, keepdim=True).expand_as(dec)                 # the same context at every step
+    torch.testing.assert_close(logits, model.readout(torch.cat([dec, context], -1)))
+    torch.testing.assert_close(w, torch.full((3, 6, 6), 1 / 6, dtype=torch.float64))
+    assert model.attention is None and model.readout.in_features == 64
 
 
 def test_the_attention_model_learns_to_reverse():
@@ -173,6 +186,7 @@ def test_the_attention_model_learns_to_reverse():
     (lambda: SelfAttention(8)(torch.zeros(1, 3, 8), torch.ones(1, 4, dtype=torch.bool)), ValueError, "key_padding"),
     (lambda: SelfAttention(8)(torch.zeros(1, 3, 8), torch.ones(1, 3)), TypeError, "key_padding"),
     (lambda: Seq2Seq(10, hidden_dim=33), ValueError, "hidden_dim"),
+    (lambda: Seq2Seq(10, attention="mean"), ValueError, "attention"),
     (lambda: Seq2Seq(10)(torch.full((1, 3), 10), torch.zeros(1, 3, dtype=torch.long)), ValueError, "source"),
     (lambda: Seq2Seq(10).greedy(torch.zeros(1, 3)), TypeError, "source"),
 ])

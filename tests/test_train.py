@@ -143,3 +143,29 @@ def test_stacked_models_map_each_model_over_its_own_inputs():
         StackedModels([torch.nn.Linear(2, 3), torch.nn.Linear(3, 3)])
     with pytest.raises(TypeError, match="3 model"):
         stack.write_back(models[:2])
+
+
+def test_fit_stream_stops_when_told_and_equals_the_same_steps_without_a_stop():
+    from attn_course.train import fit_stream
+
+    def run(stop):
+        torch.manual_seed(0)
+        model = torch.nn.Linear(2, 1)
+        g = torch.Generator().manual_seed(1)
+
+        def next_batch(step):
+            x = torch.randn(8, 2, generator=g)
+            return x, x.sum(-1, keepdim=True)
+
+        steps = 5 if stop is None else 20
+        return model, fit_stream(model, next_batch, steps=steps, lr=0.05, eval_fn=lambda m: 0.0,
+                                 eval_every=5, stop=stop)
+
+    stopped, history = run(lambda h: h.evals[-1][0] >= 5)        # stops after the first evaluation, at step 5
+    alone, reference = run(None)                                 # 5 steps, no stop
+    assert len(history) == 5 and history.evals == [(5, 0.0)]
+    assert history.losses == reference.losses
+    torch.testing.assert_close(stopped.weight, alone.weight)
+    assert not stopped.training
+    _, never = run(lambda h: False)
+    assert len(never) == 20 and [s for s, _ in never.evals] == [5, 10, 15, 20]

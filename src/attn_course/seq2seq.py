@@ -170,6 +170,11 @@ class Seq2Seq(nn.Module):
     (B, T, S) or None)`` (teacher forcing, all steps at once); ``greedy(source, steps)``
     decodes one token at a time from its own predictions.
 
+    ``attention="uniform"`` is the baseline with the same readout but no lookup: every step
+    reads the plain mean of the encoder states, :math:`c_t = \frac1S \sum_j h_j` (weights
+    ``1/S``, whatever the query), so it tells what the query-dependent weights add beyond a
+    second view of the source.
+
     Example:
         >>> import torch
         >>> from attn_course.data import reverse_task
@@ -189,8 +194,11 @@ class Seq2Seq(nn.Module):
         True
     """
 
-    def __init__(self, vocab_size: int, embed_dim: int = 32, hidden_dim: int = 64, *, attention: bool = True):
+    def __init__(self, vocab_size: int, embed_dim: int = 32, hidden_dim: int = 64, *,
+                 attention: bool | str = True):
         super().__init__()
+        if attention not in (True, False, "uniform"):
+            raise ValueError(f"attention must be True, False or 'uniform', got {attention!r}")
         vocab_size = _checks.positive_number("vocab_size", vocab_size, integer=True)
         hidden_dim = _checks.positive_number("hidden_dim", hidden_dim, integer=True)
         if hidden_dim % 2:
@@ -199,7 +207,8 @@ class Seq2Seq(nn.Module):
         self.embed = nn.Embedding(vocab_size + 1, embed_dim)               # + the start token
         self.encoder = nn.GRU(embed_dim, hidden_dim // 2, batch_first=True, bidirectional=True)
         self.decoder = nn.GRU(embed_dim, hidden_dim, batch_first=True)
-        self.attention = AdditiveAttention(hidden_dim, hidden_dim, hidden_dim) if attention else None
+        self.uniform = attention == "uniform"
+        self.attention = AdditiveAttention(hidden_dim, hidden_dim, hidden_dim) if attention is True else None
         self.readout = nn.Linear(2 * hidden_dim if attention else hidden_dim, vocab_size)
 
     def encode(self, source):
@@ -209,6 +218,10 @@ class Seq2Seq(nn.Module):
         return states, torch.cat([last[0], last[1]], dim=-1)[None]          # summary: (1, B, H)
 
     def _read(self, dec_states, enc_states):
+        if self.uniform:                                                    # the mean, whatever the query
+            B, T, S = dec_states.shape[0], dec_states.shape[1], enc_states.shape[1]
+            weights = enc_states.new_full((B, T, S), 1.0 / S)
+            return self.readout(torch.cat([dec_states, weights @ enc_states], dim=-1)), weights
         if self.attention is None:
             return self.readout(dec_states), None
         context, weights = self.attention(dec_states, enc_states, enc_states)  # cross-attention

@@ -116,10 +116,15 @@ def fit(model: nn.Module, inputs, targets: torch.Tensor, *,
 def fit_stream(model: nn.Module, next_batch: Callable[[int], tuple], *,
                loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
                steps: int = 300, lr: float = 1e-2, desc: str = "training",
-               eval_fn: Callable[[nn.Module], float] | None = None, eval_every: int = 50) -> History:
+               eval_fn: Callable[[nn.Module], float] | None = None, eval_every: int = 50,
+               stop: Callable[[History], bool] | None = None) -> History:
     """Like :func:`fit`, with batches from ``next_batch(step) -> (inputs, targets)``
     (``inputs`` a tensor or a tuple of tensors): for data generated on the fly, e.g.
     a new sequence length every step.
+
+    ``stop(history)``, if given, is called after every evaluation; when it returns ``True``
+    training ends there (e.g. once every copy has converged), so ``len(history)`` may be
+    less than ``steps``.
 
     Example:
         A new batch, of a new length, at every step:
@@ -161,6 +166,8 @@ def fit_stream(model: nn.Module, next_batch: Callable[[int], tuple], *,
         history.losses.append(loss.item())
         if eval_fn is not None and (step % eval_every == 0 or step == steps):
             evaluate(step)
+            if stop is not None and stop(history):
+                break
     model.eval()
     return history
 
