@@ -169,3 +169,66 @@ def test_fit_stream_stops_when_told_and_equals_the_same_steps_without_a_stop():
     assert not stopped.training
     _, never = run(lambda h: False)
     assert len(never) == 20 and [s for s, _ in never.evals] == [5, 10, 15, 20]
+
+
+def _train_seq2seq(model, seed, steps=6):
+    """A few Adam steps of a GRU encoder-decoder on its own stream; the final weights, flattened."""
+    from attn_course.data import reverse_task
+    from attn_course.train import sequence_cross_entropy
+
+    gen = torch.Generator().manual_seed(seed)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    for _ in range(steps):
+        length = int(torch.randint(3, 9, (1,), generator=gen))
+        source, decoder_input, target = reverse_task(16, length, 7, generator=gen)
+        loss = sequence_cross_entropy(model(source, decoder_input)[0], target)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return torch.cat([p.detach().flatten() for p in model.parameters()])
+
+
+def test_concurrently_equals_running_the_jobs_one_by_one_on_one_thread():
+    import copy
+
+    from attn_course.seq2seq import Seq2Seq
+    from attn_course.train import concurrently
+
+    torch.manual_seed(0)
+    models = [Seq2Seq(7, 8, 16, attention=a) for a in (True, False, "uniform", True)]
+    copies = [copy.deepcopy(m) for m in models]
+    threads = torch.get_num_threads()
+    together = concurrently([lambda m=m, s=s: _train_seq2seq(m, s) for s, m in enumerate(models)], workers=2)
+    assert torch.get_num_threads() == threads                      # restored
+    torch.set_num_threads(1)
+    try:
+        alone = [_train_seq2seq(m, s) for s, m in enumerate(copies)]
+    finally:
+        torch.set_num_threads(threads)
+    assert len(together) == len(alone) == 4
+    for a, b in zip(together, alone):
+        assert torch.equal(a, b)                                   # bit for bit, in the jobs' order
+    assert not torch.equal(together[0], together[3])               # and not one job's result repeated
+
+
+def test_concurrently_passes_errors_on_and_warns_about_the_global_generator():
+    from attn_course.train import concurrently
+
+    assert concurrently([]) == []
+    assert concurrently([lambda: 1, lambda: 2, lambda: 3], workers=1) == [1, 2, 3]
+
+    def boom():
+        raise KeyError("inside the job")
+
+    threads = torch.get_num_threads()
+    with pytest.raises(KeyError, match="inside the job"):
+        concurrently([lambda: 1, boom])
+    assert torch.get_num_threads() == threads
+    with pytest.warns(RuntimeWarning, match="global random generator"):
+        concurrently([lambda: torch.rand(1), lambda: torch.rand(1)])
+    with pytest.raises(TypeError, match="jobs must be functions"):
+        concurrently([1, 2])
+    with pytest.raises(ValueError, match="workers"):
+        concurrently([lambda: 1], workers=0)
+    with pytest.raises(TypeError, match="workers"):
+        concurrently([lambda: 1], workers=1.5)

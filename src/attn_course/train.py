@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import os
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -13,7 +14,7 @@ from torch import nn
 from . import _checks
 from .widgets import is_static
 
-__all__ = ["fit", "fit_stream", "fit_stacked", "StackedModels", "History", "sequence_cross_entropy", "masked_accuracy", "IGNORE"]
+__all__ = ["fit", "fit_stream", "fit_stacked", "StackedModels", "concurrently", "History", "sequence_cross_entropy", "masked_accuracy", "IGNORE"]
 
 IGNORE = -100  # target value of positions that do not count (as in torch's cross_entropy)
 
@@ -318,3 +319,54 @@ def fit_stacked(models, next_batch: Callable[[int], tuple[torch.Tensor, torch.Te
     for m in models:
         m.eval()
     return losses
+
+
+def concurrently(jobs, *, workers: int | None = None) -> list:
+    """Run independent jobs (functions of no arguments) at the same time, one per CPU core, and
+    return their results in the order of ``jobs``.
+
+    A small model on a CPU keeps about one core busy, however many threads torch may use: its
+    matrices are too small to split. Several trainings side by side in threads (torch releases
+    Python's lock inside each operation) use every core instead. While the jobs run, torch
+    computes each operation on one thread (``torch.set_num_threads(1)``, restored afterwards),
+    so every job does the same arithmetic in the same order as it would alone: the results
+    equal those of running the jobs one after another with one thread, bit for bit, whichever
+    job finishes first, provided no job draws from torch's global random generator (build the
+    models before, and give each job its own ``torch.Generator``). A warning says so if one did.
+    ``workers`` defaults to the number of cores this process may use. (A thin use of
+    :class:`concurrent.futures.ThreadPoolExecutor`.)
+
+    Example:
+        >>> import torch
+        >>> from attn_course.train import concurrently
+        >>> def job(seed):
+        ...     gen = torch.Generator().manual_seed(seed)        # its own generator
+        ...     return torch.randn(3, 3, generator=gen).sum().item()
+        >>> together = concurrently([lambda s=s: job(s) for s in range(4)])
+        >>> alone = [job(s) for s in range(4)]
+        >>> together == alone
+        True
+    """
+    from concurrent.futures import ThreadPoolExecutor
+
+    jobs = list(jobs)
+    if not all(callable(j) for j in jobs):
+        raise TypeError(f"jobs must be functions of no arguments, got {[type(j).__name__ for j in jobs]}")
+    if workers is None:
+        workers = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    workers = _checks.positive_number("workers", workers, integer=True)
+    if not jobs:
+        return []
+    threads, rng = torch.get_num_threads(), torch.random.get_rng_state()
+    torch.set_num_threads(1)
+    try:
+        with ThreadPoolExecutor(max_workers=min(workers, len(jobs))) as pool:
+            futures = [pool.submit(job) for job in jobs]
+            results = [f.result() for f in futures]
+    finally:
+        torch.set_num_threads(threads)
+    if not torch.equal(rng, torch.random.get_rng_state()):
+        warnings.warn("a job drew from torch's global random generator, so its results may depend on which "
+                      "job ran first: build models before, and give each job its own torch.Generator",
+                      RuntimeWarning, stacklevel=2)
+    return results
