@@ -60,20 +60,26 @@ def test_stored_reference_results_are_complete():
     assert ref["matmul_peak_gflops"] > 0 and "torch" in ref["machine"]
 
 
-def test_bench_command_line_writes_its_reports(tmp_path, capsys):
+def test_bench_command_line_writes_its_reports(tmp_path, capsys, monkeypatch):
     from attn_course import bench
 
+    # every suite, at sizes small enough for a test (the processes it starts take the sizes as arguments)
+    monkeypatch.setattr(bench, "QUICK", {"flash_lengths": (256,), "flash_train_length": 256, "ring_length": 256})
     assert bench.main(["--one", "sliding_window", "512"]) == 0
     assert '"method": "sliding_window"' in capsys.readouterr().out
     out = tmp_path / "bench"
-    assert bench.main(["--quick", "--out", str(out), "--lengths", "512", "1024",
+    assert bench.main(["--quick", "--out", str(out), "--lengths", "512",
                        "--methods", "dense SDPA", "SDPA + band mask", "sliding_window"]) == 0
     printed = capsys.readouterr().out
     assert "Chapter 1" in printed and "Chapter 7: sparse attention" in printed and "machine:" in printed
     data = __import__("json").loads((out / "sparse.json").read_text())
     assert {r["method"] for r in data["results"]} == {"dense SDPA", "SDPA + band mask", "sliding_window"}
-    assert "| sliding_window | 1024 |" in (out / "sparse.md").read_text()
+    assert "| sliding_window | 512 |" in (out / "sparse.md").read_text()
     assert (out / "sparse.png").stat().st_size > 1000
+    flash_data = __import__("json").loads((out / "flash.json").read_text())
+    assert {r["L"] for r in flash_data["results"]} == {256} and flash_data["train"]
+    ring_data = __import__("json").loads((out / "distributed.json").read_text())
+    assert {r["L"] for r in ring_data["results"]} == {256} and "Ulysses" in (out / "distributed.md").read_text()
     import pytest
 
     with pytest.raises(ValueError, match="unknown methods"):

@@ -50,6 +50,8 @@ __all__ = ["machine", "seconds", "sdpa", "reference_results", "peak_memory_mib",
 
 B, H, D, WINDOW, BLOCK, GLOBALS = 1, 8, 64, 256, 64, 16
 LENGTHS = (1024, 2048, 4096, 8192, 16384)
+# ``--quick``: the flash suite's lengths and training length, and the ring's length
+QUICK = {"flash_lengths": (2048, 4096), "flash_train_length": 4096, "ring_length": 2048}
 
 
 def machine() -> str:
@@ -1004,12 +1006,12 @@ def main(argv=None) -> int:
                                           min_run_time=0.1 if args.quick else 0.3):
         print(f"{L:>6} {ours:>10.3f} {fused:>10.3f} {ratio:>10.2f}x {mb:>12.1f}")
     if "flash" in args.suites:
-        flash_lengths = FLASH_LENGTHS[:2] if args.quick else FLASH_LENGTHS
+        flash_lengths = QUICK["flash_lengths"] if args.quick else FLASH_LENGTHS
         print(f"\nChapter 8: exact attention in tiles, causal, B={B}, H={H}, d={D}, each in a fresh process, "
               f"{FLASH_THREADS} thread(s) each")
         flash_results = run_flash(flash_lengths)
         print("\n" + flash_table(flash_results))
-        train_L = 4096 if args.quick else FLASH_TRAIN_LENGTH
+        train_L = QUICK["flash_train_length"] if args.quick else FLASH_TRAIN_LENGTH
         print(f"\nChapter 8: forward + backward, causal, B={B}, H={FLASH_TRAIN_HEADS}, d={D}, L={train_L}, "
               f"float32, each in a fresh process, {FLASH_THREADS} thread(s) each")
         train_rows = _run_flash_train(train_L)
@@ -1031,7 +1033,7 @@ def main(argv=None) -> int:
     if "distributed" in args.suites:
         print(f"\nChapter 10: ring (contiguous, zigzag) and Ulysses over 4 local processes (gloo), B={B}, H={H}, "
               f"d={D}, {FLASH_THREADS} thread(s) each")
-        ring_rows = run_ring(2048 if args.quick else 4096, repeats=2 if args.quick else 3)
+        ring_rows = run_ring(QUICK["ring_length"] if args.quick else 4096, repeats=2 if args.quick else 3)
         print("\n" + ring_table(ring_rows))
         (args.out / "distributed.json").write_text(json.dumps({"machine": info, "results": ring_rows}, indent=1))
         (args.out / "distributed.md").write_text(f"Machine: {info}.\n\n{ring_table(ring_rows)}\n")
