@@ -1,3 +1,5 @@
+import os
+
 import nbformat
 import pytest
 
@@ -85,6 +87,12 @@ def test_command_line_stamps_and_executes_a_notebook(tmp_path, capsys, monkeypat
     assert code[0].metadata.tags == ["colab-install", "remove-cell"] and code[0].execution_count == 1
     assert code[1].outputs[0]["text"] == "True\n"   # executed for the book: static mode
     assert "execution" not in code[1].metadata      # no timestamps stored
+    run = nb.metadata["attn_course"]                  # how long Run all took, and where (the course map shows it)
+    import torch
+
+    assert 0 < run["run_seconds"] < 600
+    assert run["run_on"] == (torch.cuda.get_device_name(0) if torch.cuda.is_available()
+                             else f"{len(os.sched_getaffinity(0))} CPU core" + ("s" if len(os.sched_getaffinity(0)) > 1 else ""))
 
 
 def test_default_notebooks_are_the_toc_chapters():

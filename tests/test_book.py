@@ -94,6 +94,18 @@ def test_the_course_map_lists_every_chapter_in_order_and_answers_questions_in_re
     for i, stem in enumerate(stems, 1):
         assert f"| {i} | {{doc}}`../chapters/{stem}`" in text
     assert "<!-- course-map -->" in (ROOT / "book" / "intro.md").read_text()
+    for stem in stems:                       # every chapter's Run all time, as `authoring execute` recorded it
+        facts = ext.chapter_facts(ROOT / "chapters" / f"{stem}.ipynb")
+        assert facts["run_seconds"] and facts["run_on"], f"{stem}: no run time recorded (run `make notebooks`)"
+        assert f"| {ext.run_time(facts['run_seconds'])} | {facts['exercises']} |" in text
+    assert "*Run all* is the time the notebook took" in text
+
+
+def test_run_times_are_shown_to_the_nearest_half_minute():
+    run_time = _course_ext().run_time
+    assert [run_time(s) for s in (3, 44, 46, 80, 119, 150)] == \
+        ["~0.5 min", "~0.5 min", "~1 min", "~1.5 min", "~2 min", "~2.5 min"]
+    assert run_time(None) == "—"
 
 
 def test_no_chapter_builds_on_a_later_one():

@@ -68,8 +68,18 @@ def chapter_facts(path):
         if cell.cell_type == "markdown":
             headings += [h.strip() for h in re.findall(r"^#+ (.+)$", cell.source, flags=re.M)]
             exercises += len(re.findall(r"^```\{exercise\}", cell.source, flags=re.M))
+    run = nb.metadata.get("attn_course", {})        # recorded by `python -m attn_course.authoring execute`
     return {"title": title, "builds_on": builds_on, "headings": headings,
-            "minutes": max(5, 5 * round(words / WORDS_PER_MINUTE / 5)), "exercises": exercises}
+            "minutes": max(5, 5 * round(words / WORDS_PER_MINUTE / 5)), "exercises": exercises,
+            "run_seconds": run.get("run_seconds"), "run_on": run.get("run_on")}
+
+
+def run_time(seconds):
+    """``"~1.5 min"``: a run time to the nearest half minute (at least half a minute)."""
+    if seconds is None:
+        return "—"
+    half_minutes = max(1, round(seconds / 30))
+    return f"~{half_minutes // 2}{'.5' if half_minutes % 2 else ''} min"
 
 
 def course_map_markdown(root):
@@ -83,12 +93,16 @@ def course_map_markdown(root):
              if f["file"].startswith("chapters/")]
     number = {stem: i + 1 for i, stem in enumerate(order)}
     facts = {stem: chapter_facts(root / "chapters" / f"{stem}.ipynb") for stem in order}
-    lines = ["| | chapter | builds on | reading | exercises |", "| --- | --- | --- | --- | --- |"]
+    lines = ["| | chapter | builds on | reading | run all | exercises |", "| --- | --- | --- | --- | --- | --- |"]
     for stem in order:
         f = facts[stem]
         deps = ", ".join(str(number[d]) for d in f["builds_on"] if d in number) or "—"
         lines.append(f"| {number[stem]} | {{doc}}`../chapters/{stem}`: {data['chapters'][stem]} | {deps} "
-                     f"| ~{f['minutes']} min | {f['exercises']} |")
+                     f"| ~{f['minutes']} min | {run_time(f['run_seconds'])} | {f['exercises']} |")
+    machines = sorted({f["run_on"] for f in facts.values() if f["run_on"]})
+    if machines:
+        lines += ["", f"*Run all* is the time the notebook took, start to end in a fresh kernel, when the "
+                      f"outputs on these pages were made, on {' and '.join(machines)}."]
     lines += ["", "**The questions learners bring**, and where each is answered with an experiment:", "",
               "| question | answered in |", "| --- | --- |"]
     for q in sorted(data["questions"], key=lambda q: number[q["chapter"]]):   # in book order

@@ -107,8 +107,23 @@ def stamp(path: Path, url: str) -> bool:
     return True
 
 
+def run_on() -> str:
+    """Where notebooks run here, as the course map names it: ``"2 CPU cores"`` or the GPU's name."""
+    import torch
+
+    if torch.cuda.is_available():
+        return torch.cuda.get_device_name(0)
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return f"{cores} CPU core{'s' if cores != 1 else ''}"
+
+
 def execute(path: Path, timeout: int = 600) -> float:
-    """Re-execute notebook ``path`` in place in a fresh kernel; return the seconds it took."""
+    """Re-execute notebook ``path`` in place in a fresh kernel; return the seconds it took.
+
+    The notebook's metadata keeps how long the run took, start to end, and on what
+    (``metadata["attn_course"] = {"run_seconds": ..., "run_on": ...}``): the intro's course map
+    shows it, so a learner knows what *Run all* costs.
+    """
     import nbformat
     from nbclient import NotebookClient
 
@@ -121,6 +136,7 @@ def execute(path: Path, timeout: int = 600) -> float:
     client.execute()
     elapsed = time.perf_counter() - start
     nb.metadata.pop("widgets", None)
+    nb.metadata["attn_course"] = {"run_seconds": round(elapsed, 1), "run_on": run_on()}
     nbformat.write(nb, path)
     return elapsed
 

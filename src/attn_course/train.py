@@ -334,7 +334,7 @@ def concurrently(jobs, *, workers: int | None = None) -> list:
     job finishes first, provided no job draws from torch's global random generator (build the
     models before, and give each job its own ``torch.Generator``). A warning says so if one did.
     ``workers`` defaults to the number of cores this process may use. (A thin use of
-    :class:`concurrent.futures.ThreadPoolExecutor`.)
+    ``concurrent.futures.ThreadPoolExecutor``.)
 
     Example:
         >>> import torch
