@@ -238,3 +238,36 @@ def test_concurrently_passes_errors_on_and_warns_about_the_global_generator():
         concurrently([lambda: 1], workers=0)
     with pytest.raises(TypeError, match="workers"):
         concurrently([lambda: 1], workers=1.5)
+
+
+def test_concurrently_runs_stacked_trainings_too():
+    """``vmap`` (inside ``fit_stacked``) keeps its state per thread: two stacks at once train as alone."""
+    import copy
+
+    from attn_course.train import concurrently, fit_stacked
+
+    def make(seed):
+        torch.manual_seed(seed)
+        return torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Tanh(), torch.nn.Linear(8, 2))
+
+    def job(models, seed):
+        gen = torch.Generator().manual_seed(seed)
+
+        def next_batch(step):
+            x = torch.randn(2, 16, 4, generator=gen)
+            return x, x[..., :2].sin()
+
+        return fit_stacked(models, next_batch, steps=20, lr=1e-2)
+
+    sets = [[make(10 * k + i) for i in range(2)] for k in range(3)]
+    copies = copy.deepcopy(sets)
+    together = concurrently([lambda k=k: job(sets[k], k) for k in range(3)], workers=3)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        alone = [job(copies[k], k) for k in range(3)]
+    finally:
+        torch.set_num_threads(threads)
+    assert all(torch.equal(a, b) for a, b in zip(together, alone))
+    assert all(torch.equal(p, q) for s, c in zip(sets, copies) for m, n in zip(s, c)
+               for p, q in zip(m.parameters(), n.parameters()))
