@@ -300,6 +300,29 @@ def test_rope_scale_and_base_are_position_interpolation_and_a_new_base():
     assert torch.equal(layer(x)[0], plain)
 
 
+@pytest.mark.parametrize("encoding", ["rope", "none", "alibi", "relative"])
+def test_a_window_hides_keys_that_far_back_and_changes_nothing_else(encoding):
+    torch.manual_seed(0)
+    layer = PositionalSelfAttention(8, 2, encoding)
+    x = torch.randn(2, 10, 8)
+    plain, plain_w = layer(x)
+    layer.window = 3
+    out, w = layer(x)
+    i, j = torch.arange(10)[:, None], torch.arange(10)[None, :]
+    assert torch.all(w[..., (i - j) >= 3] == 0) and torch.all(w[..., (i - j < 3) & (j <= i)] > 0)
+    assert torch.allclose(w.sum(-1), torch.ones(2, 2, 10))
+    assert torch.allclose(out[:, :3], plain[:, :3], atol=1e-6)          # the first 3 queries lose nothing
+    assert not torch.allclose(out[:, 3:], plain[:, 3:], atol=1e-4)
+    # the same as renormalising the plain weights over the window
+    ref = plain_w * ((i - j) < 3)
+    assert torch.allclose(w, ref / ref.sum(-1, keepdim=True), atol=1e-6)
+    layer.window = 0
+    with pytest.raises(ValueError, match="window"):
+        layer(x)
+    layer.window = None
+    assert torch.equal(layer(x)[0], plain)
+
+
 @pytest.mark.parametrize("args, word", [((0.0, 2.0, 8), "base"), ((1e4, -1.0, 8), "scale"), ((1e4, 2.0, 3), "dim")])
 def test_rope_scaled_base_bad_input_names_the_argument(args, word):
     from attn_course.positional import rope_scaled_base

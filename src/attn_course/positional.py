@@ -343,6 +343,9 @@ class PositionalSelfAttention(nn.Module):
         # divided by rope_scale (position interpolation, Chen et al., 2023) and the frequencies
         # use rope_base (raised for NTK-aware scaling, bloc97, 2023). See :func:`rope_scaled_base`.
         self.rope_scale, self.rope_base = 1.0, 10000.0
+        # An optional window, for any encoding, set at inference: each query sees only the keys
+        # fewer than `window` positions back (itself included). None: every earlier key.
+        self.window: int | None = None
         if encoding == "relative":
             self.rel_k = RelativePositionEmbedding(max_distance, self.head_dim)
             self.rel_v = RelativePositionEmbedding(max_distance, self.head_dim)
@@ -362,6 +365,10 @@ class PositionalSelfAttention(nn.Module):
         if self.encoding == "alibi":  # the symmetric bias; the causal mask below hides the future
             scores = scores + alibi_bias(self.num_heads, L, is_causal=False).to(x.device, scores.dtype)
         mask = torch.ones(L, L, dtype=torch.bool, device=x.device).tril() if is_causal else None
+        if self.window is not None:
+            w = _checks.positive_number("window", self.window, integer=True)
+            near = torch.ones(L, L, dtype=torch.bool, device=x.device).triu(-(w - 1)).tril(w - 1)   # |i - j| < w
+            mask = near if mask is None else mask & near
         weights = masked_softmax(scores, mask)
         heads = weights @ v
         if self.encoding == "relative":
