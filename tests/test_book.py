@@ -101,6 +101,22 @@ def test_the_course_map_lists_every_chapter_in_order_and_answers_questions_in_re
     assert "*Run all* is the time the notebook took" in text
 
 
+def test_the_pages_promise_the_run_times_the_notebooks_record():
+    ext = _course_ext()
+    seconds = [ext.chapter_facts(nb)["run_seconds"] for nb in CHAPTERS]
+
+    def parse(words):                                # "20 seconds" or "2.5 minutes" -> seconds
+        number, unit = words.split()
+        return float(number) * (1 if unit.startswith("second") else 60)
+
+    low, high = ext.run_range(ROOT).split(" to ")
+    for said, true in ((parse(low), min(seconds)), (parse(high), max(seconds))):
+        assert abs(said - true) <= (5 if true < 60 else 15), (said, true)   # rounded to 10 s or half a minute
+    for page in ("intro.md", "setup.md", "troubleshooting.md"):      # no fixed promise that can go stale
+        source = (ROOT / "book" / page).read_text()
+        assert "{{ run_range }}" in source and "about a minute" not in source
+
+
 def test_run_times_are_shown_to_the_nearest_half_minute():
     run_time = _course_ext().run_time
     assert [run_time(s) for s in (3, 44, 46, 80, 119, 150)] == \

@@ -166,9 +166,36 @@ def _used_in_lines(app, what, name, obj, options, lines):
         lines.extend(["", f"**Used in:** {links}"])
 
 
+def run_range(root):
+    """``"20 seconds to 2.5 minutes"``: the shortest and longest *Run all* time of the chapters, as
+    recorded in their notebooks, for the pages that promise how long a chapter takes."""
+    from pathlib import Path
+
+    seconds = [f["run_seconds"] for f in (chapter_facts(p) for p in sorted(Path(root, "chapters").glob(
+        "[0-9][0-9]_*.ipynb"))) if f["run_seconds"]]
+    if not seconds:
+        raise ValueError("no chapter notebook records its run time: run `make notebooks`")
+
+    def words(s):
+        if s < 60:
+            return f"{max(10, 10 * round(s / 10))} seconds"
+        half_minutes = round(s / 30)
+        return f"{half_minutes // 2}{'.5' if half_minutes % 2 else ''} minute{'s' if half_minutes > 2 else ''}"
+
+    return f"{words(min(seconds))} to {words(max(seconds))}"
+
+
+def _run_range(app, config):
+    """``{{ run_range }}`` in the book: how long the chapters take, from their notebooks."""
+    subs = dict(config.myst_substitutions or {})
+    subs["run_range"] = run_range(app.srcdir)
+    config.myst_substitutions = subs
+
+
 def setup(app):
     app.connect("autodoc-process-docstring", _used_in_lines)
     app.connect("config-inited", _install_line)
+    app.connect("config-inited", _run_range)
     app.connect("source-read", _course_map)
     app.connect("html-page-context", _unique_scripts, priority=900)
     return {"parallel_read_safe": True, "parallel_write_safe": True}
