@@ -74,12 +74,15 @@ def chapter_facts(path):
             "run_seconds": run.get("run_seconds"), "run_on": run.get("run_on")}
 
 
+def _minutes(seconds):
+    """``"1.5"``: seconds in minutes, to the nearest half minute (at least half a minute)."""
+    half_minutes = max(1, round(seconds / 30))
+    return f"{half_minutes // 2}{'.5' if half_minutes % 2 else ''}"
+
+
 def run_time(seconds):
     """``"~1.5 min"``: a run time to the nearest half minute (at least half a minute)."""
-    if seconds is None:
-        return "—"
-    half_minutes = max(1, round(seconds / 30))
-    return f"~{half_minutes // 2}{'.5' if half_minutes % 2 else ''} min"
+    return "—" if seconds is None else f"~{_minutes(seconds)} min"
 
 
 def course_map_markdown(root):
@@ -179,8 +182,7 @@ def run_range(root):
     def words(s):
         if s < 60:
             return f"{max(10, 10 * round(s / 10))} seconds"
-        half_minutes = round(s / 30)
-        return f"{half_minutes // 2}{'.5' if half_minutes % 2 else ''} minute{'s' if half_minutes > 2 else ''}"
+        return f"{_minutes(s)} minute{'s' if _minutes(s) != '1' else ''}"
 
     return f"{words(min(seconds))} to {words(max(seconds))}"
 

@@ -17,6 +17,11 @@ __all__ = ["get_device", "seed_everything", "__version__"]
 __version__ = "0.1.0"
 
 
+def _cpu_cores() -> int:
+    """The CPU cores this process may use (its affinity where the system has one)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
 def get_device() -> torch.device:
     """The best available device: CUDA, else Apple's MPS, else the CPU.
 

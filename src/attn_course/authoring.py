@@ -111,9 +111,11 @@ def run_on() -> str:
     """Where notebooks run here, as the course map names it: ``"2 CPU cores"`` or the GPU's name."""
     import torch
 
+    from . import _cpu_cores
+
     if torch.cuda.is_available():
         return torch.cuda.get_device_name(0)
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    cores = _cpu_cores()
     return f"{cores} CPU core{'s' if cores != 1 else ''}"
 
 

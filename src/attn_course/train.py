@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import copy
-import os
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -11,7 +10,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from . import _checks
+from . import _checks, _cpu_cores
 from .widgets import is_static
 
 __all__ = ["fit", "fit_stream", "fit_stacked", "StackedModels", "concurrently", "History", "sequence_cross_entropy", "masked_accuracy", "IGNORE"]
@@ -353,7 +352,7 @@ def concurrently(jobs, *, workers: int | None = None) -> list:
     if not all(callable(j) for j in jobs):
         raise TypeError(f"jobs must be functions of no arguments, got {[type(j).__name__ for j in jobs]}")
     if workers is None:
-        workers = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+        workers = _cpu_cores()
     workers = _checks.positive_number("workers", workers, integer=True)
     if not jobs:
         return []
